@@ -1,0 +1,55 @@
+"""Domain errors. The gRPC edge maps each class to one status code; the CLI prints the message."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class LoraswapError(Exception):
+    """Base class of every error loraswap raises on purpose."""
+
+
+class NotFoundError(LoraswapError):
+    """An adapter, tag, version or model that does not exist (gRPC NOT_FOUND)."""
+
+
+class InvalidArgumentError(LoraswapError):
+    """Bad input from the caller (gRPC INVALID_ARGUMENT). Carries every problem found, not just the first."""
+
+    def __init__(self, what: str, problems: Iterable[str] = ()) -> None:
+        self.problems = list(problems)
+        message = what if not self.problems else what + ":\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(message)
+
+
+class AdapterValidationError(InvalidArgumentError):
+    """An adapter folder that fails validation (on push, pull or load)."""
+
+
+class IncompatibleAdapterError(LoraswapError):
+    """A well-formed adapter that cannot run on the loaded base (gRPC FAILED_PRECONDITION)."""
+
+    def __init__(self, what: str, problems: Iterable[str] = ()) -> None:
+        self.problems = list(problems)
+        message = what if not self.problems else what + ":\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(message)
+
+
+class ConflictError(LoraswapError):
+    """A concurrent update won a race (compare-and-swap failed); retrying may succeed (gRPC ABORTED)."""
+
+
+class IntegrityError(LoraswapError):
+    """Stored content does not match its digest (gRPC DATA_LOSS)."""
+
+
+class OverloadedError(LoraswapError):
+    """The request queue is full (gRPC RESOURCE_EXHAUSTED)."""
+
+
+class DrainingError(LoraswapError):
+    """The server is shutting down and takes no new work (gRPC UNAVAILABLE)."""
+
+
+class CancelledError(LoraswapError):
+    """The request was cancelled by its caller (gRPC CANCELLED)."""

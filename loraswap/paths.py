@@ -1,0 +1,29 @@
+"""Where loraswap keeps its local state (model cache, pulled adapters, local registry)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def home() -> Path:
+    """Root of loraswap's local state: ``$LORASWAP_HOME`` or ``~/.cache/loraswap``."""
+    env = os.environ.get("LORASWAP_HOME")
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "loraswap"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def models_dir() -> Path:
+    """Converted base models (one HF folder each)."""
+    return home() / "models"
+
+
+def adapter_cache_dir() -> Path:
+    """Adapter versions pulled from a registry, one folder per digest."""
+    return home() / "adapters"
+
+
+def default_registry_dir() -> Path:
+    """The embedded local registry used when no ``--registry`` is given."""
+    return home() / "registry"
