@@ -53,3 +53,7 @@ class DrainingError(LoraswapError):
 
 class CancelledError(LoraswapError):
     """The request was cancelled by its caller (gRPC CANCELLED)."""
+
+
+class DeadlineExceededError(LoraswapError):
+    """The caller's deadline passed before the request finished; its work was dropped."""

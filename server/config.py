@@ -1,0 +1,61 @@
+"""The engine's configuration: one dataclass, a docstring per field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+QUANTIZATIONS = ("nf4", "int8", "bf16", "fp16", "fp32")
+
+
+@dataclass
+class EngineConfig:
+    """Everything the multi-LoRA engine needs to start.
+
+    Attributes:
+        base: ``default`` (embedded SmolLM2-135M-Instruct) or a local HF Llama-family folder.
+        registry: Registry URL (``file:///…``, ``s3://bucket/prefix``); None = ``$LORASWAP_REGISTRY`` or
+            the local default.
+        quantization: ``nf4`` / ``int8`` (bitsandbytes) / ``bf16`` / ``fp16`` / ``fp32``; None picks
+            ``nf4`` on CUDA and ``bf16`` on CPU (NF4 on CPU is opt-in).
+        device: ``cuda``, ``cuda:N`` or ``cpu``; None picks CUDA when available.
+        adapter_slots: Adapters resident on the device at once (one forward pass mixes at most this many).
+        max_rank: Largest LoRA rank accepted; slot buffers are sized for it.
+        max_batch_size: Sequences decoded together (also the number of KV-cache rows).
+        max_seq_len: Prompt + generated tokens per sequence (KV-cache length).
+        max_queue: Requests waiting for admission; past it ``submit`` raises OverloadedError.
+        prefill_chunk: Prompt tokens prefilled per step, shared by all prefilling sequences, so running
+            decodes are never stalled by a long prompt.
+        host_cache_bytes: Byte budget of adapters kept in host RAM (LRU).
+        tag_ttl_s: Seconds a resolved tag → digest mapping is trusted before asking the registry again.
+        load_workers: Threads that fetch and parse adapters in the background.
+        lora_op: ``auto`` (pick per batch), ``bgmv`` (gather + bmm), ``sgmv`` (per-segment matmul) or
+            ``reference`` (per-token loop, for tests).
+    """
+
+    base: str = "default"
+    registry: str | None = None
+    quantization: str | None = None
+    device: str | None = None
+    adapter_slots: int = 32
+    max_rank: int = 64
+    max_batch_size: int = 32
+    max_seq_len: int = 1024
+    max_queue: int = 256
+    prefill_chunk: int = 512
+    host_cache_bytes: int = 2 << 30
+    tag_ttl_s: float = 5.0
+    load_workers: int = 2
+    lora_op: str = "auto"
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            out.append(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        for name in ("adapter_slots", "max_rank", "max_batch_size", "max_seq_len", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                out.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue < 0:
+            out.append(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.lora_op not in ("auto", "bgmv", "sgmv", "reference"):
+            out.append(f"lora_op must be auto, bgmv, sgmv or reference, got {self.lora_op!r}")
+        return out

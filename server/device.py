@@ -1,0 +1,52 @@
+"""The one module that touches ``torch.cuda``: device choice, memory figures, synchronisation."""
+
+from __future__ import annotations
+
+import os
+import resource
+
+import torch
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def pick_device(requested: str | None) -> torch.device:
+    """``requested`` if given, else CUDA when available, else CPU."""
+    if requested:
+        device = torch.device(requested)
+        if device.type == "cuda" and not cuda_available():
+            from loraswap.errors import InvalidArgumentError
+
+            raise InvalidArgumentError(f"device {requested!r} asked for, but CUDA is not available")
+        return device
+    return torch.device("cuda") if cuda_available() else torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_memory(device: torch.device) -> tuple[int, int] | None:
+    """(used, total) bytes of a CUDA device; None on CPU."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free, total
+
+
+def device_allocated_bytes(device: torch.device) -> int:
+    """Bytes held by torch's allocator on a CUDA device (0 on CPU)."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def host_rss_bytes() -> int:
+    """Resident set size of this process (from /proc when available)."""
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as handle:
+            pages = int(handle.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,181 @@
+"""One forward pass over a packed, ragged batch: decode tokens of many sequences plus prefill chunks.
+
+All tokens of the step are concatenated (``[T, hidden]``), so every projection — and its LoRA delta,
+driven by the per-token slot index — runs once for the whole batch. Attention is the only per-sequence
+part: decode tokens share one masked SDPA call, each prefill chunk gets its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from loraswap.server.kv_cache import KVCache
+from loraswap.server.lora_layer import LoraContext
+from torch import nn
+
+
+@dataclass
+class SeqChunk:
+    """One sequence's share of a step.
+
+    Attributes:
+        row: The sequence's KV-cache row.
+        token_ids: Tokens to run (1 for decode, a prompt chunk for prefill).
+        start_pos: Position of the first of them (= tokens already cached for the sequence).
+        slot: Adapter slot, or -1 for the base model.
+        want_logits: Whether the logits of the last token are needed (decode, or a prompt's last chunk).
+    """
+
+    row: int
+    token_ids: list[int]
+    start_pos: int
+    slot: int
+    want_logits: bool
+
+
+@dataclass
+class _Batch:
+    """Index tensors shared by all layers of one step (decode chunks first, then prefill chunks)."""
+
+    rows: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    num_decode: int
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, Ld] bool
+    decode_len: int
+    prefill: list[tuple[int, int, int, int]]  # (token start, token end, row, start_pos)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class PackedForward:
+    """Runs a Llama-family HF model's modules over packed batches with an external KV cache."""
+
+    def __init__(
+        self, model: nn.Module, kv: KVCache, lora: LoraContext, ranks: dict[int, int], mode: str
+    ) -> None:
+        self.model = model
+        self.inner = model.model
+        self.kv = kv
+        self.lora = lora
+        self.ranks = ranks  # slot -> rank of the adapter in it (kept current by the slot manager)
+        self.mode = mode
+        config = model.config
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.device = next(model.parameters()).device
+
+    @torch.inference_mode()
+    def __call__(self, chunks: list[SeqChunk]) -> torch.Tensor:
+        """Run one step; return logits ``[n, vocab]`` (fp32) for chunks with ``want_logits``, in order."""
+        chunks = sorted(chunks, key=lambda c: len(c.token_ids) > 1)  # decode chunks first
+        batch, ids, slot_list, want = self._pack(chunks)
+        self.lora.set_batch(slot_list, self.ranks, self.device, self.mode)
+        try:
+            hidden = self.inner.embed_tokens(ids)  # [T, hidden]
+            cos, sin = self.inner.rotary_emb(hidden[None], batch.positions[None])
+            cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, D]
+            for index, layer in enumerate(self.inner.layers):
+                attn_in = layer.input_layernorm(hidden)
+                hidden = hidden + self._attention(layer.self_attn, attn_in, index, batch, cos, sin)
+                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            last = self.inner.norm(hidden[want])
+            return self.model.lm_head(last).float()
+        finally:
+            self.lora.clear()
+
+    def _pack(self, chunks: list[SeqChunk]) -> tuple[_Batch, torch.Tensor, list[int], torch.Tensor]:
+        ids: list[int] = []
+        rows: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        want: list[int] = []
+        prefill = []
+        for chunk in chunks:
+            n = len(chunk.token_ids)
+            start = len(ids)
+            ids += chunk.token_ids
+            rows += [chunk.row] * n
+            positions += range(chunk.start_pos, chunk.start_pos + n)
+            slots += [chunk.slot] * n
+            if chunk.want_logits:
+                want.append(len(ids) - 1)
+            if n > 1:
+                prefill.append((start, start + n, chunk.row, chunk.start_pos))
+        num_decode = sum(1 for c in chunks if len(c.token_ids) == 1)
+        dev = self.device
+        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        mask, decode_len = None, 0
+        if num_decode:
+            decode_len = max(positions[:num_decode]) + 1
+            keys = torch.arange(decode_len, device=dev)
+            mask = (keys[None, :] <= pos_t[:num_decode, None])[:, None, None, :]
+        batch = _Batch(
+            rows=torch.tensor(rows, dtype=torch.long, device=dev),
+            positions=pos_t,
+            num_decode=num_decode,
+            decode_mask=mask,
+            decode_len=decode_len,
+            prefill=prefill,
+        )
+        ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
+        return batch, ids_t, slots, torch.tensor(want, dtype=torch.long, device=dev)
+
+    def _attention(
+        self,
+        attn: nn.Module,
+        x: torch.Tensor,
+        layer: int,
+        batch: _Batch,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q = attn.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = attn.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = attn.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k_cache, v_cache = self.kv.k[layer], self.kv.v[layer]  # [rows, L, KVH, D]
+        k_cache.index_put_((batch.rows, batch.positions), k.to(k_cache.dtype))
+        v_cache.index_put_((batch.rows, batch.positions), v.to(v_cache.dtype))
+        parts = []
+        if batch.num_decode:
+            parts.append(self._decode_attention(q[: batch.num_decode], k_cache, v_cache, batch))
+        for start, end, row, pos in batch.prefill:
+            parts.append(self._prefill_attention(q[start:end], k_cache[row], v_cache[row], pos))
+        out = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]  # [T, H, D]
+        return attn.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+    def _decode_attention(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: _Batch
+    ) -> torch.Tensor:
+        rows = batch.rows[: batch.num_decode]
+        keys = k_cache[rows, : batch.decode_len].transpose(1, 2)  # [Bd, KVH, L, D]
+        values = v_cache[rows, : batch.decode_len].transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2).to(keys.dtype), keys, values, attn_mask=batch.decode_mask, enable_gqa=True
+        )  # [Bd, H, 1, D]
+        return out.squeeze(2).to(q.dtype)
+
+    def _prefill_attention(
+        self, q: torch.Tensor, k_row: torch.Tensor, v_row: torch.Tensor, start_pos: int
+    ) -> torch.Tensor:
+        n = q.shape[0]
+        total = start_pos + n
+        keys = k_row[:total].transpose(0, 1)[None]  # [1, KVH, total, D]
+        values = v_row[:total].transpose(0, 1)[None]
+        query = q.transpose(0, 1)[None].to(keys.dtype)  # [1, H, n, D]
+        if start_pos == 0:
+            out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=True)
+        else:
+            allowed = torch.arange(total, device=q.device)[None, :] <= (
+                start_pos + torch.arange(n, device=q.device)[:, None]
+            )
+            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, enable_gqa=True)
+        return out[0].transpose(0, 1).to(q.dtype)  # [n, H, D]

@@ -1,0 +1,138 @@
+"""The batched LoRA linear layer and the per-step context all such layers read.
+
+Each targeted projection of the base is wrapped once, at start-up, by :class:`BatchedLoraLinear`,
+which owns slot buffers allocated once. Activating an adapter copies its matrices into a slot;
+the base layer itself is never modified (no ``state_dict()``, no weight edits: safe on a quantized
+base).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from loraswap.server.lora_ops import lora_bgmv, lora_reference, lora_sgmv, segments
+from torch import nn
+
+from loraswap.adapter_format import SUPPORTED_TARGETS
+
+
+@dataclass
+class LoraContext:
+    """What the current forward pass needs to know about adapters, shared by every LoRA layer.
+
+    Attributes:
+        slots: ``[T]`` slot index per token (-1 = base only), on the model's device.
+        runs: Runs of equal slots, for the segmented op.
+        rank: Largest rank among the slots in use (ops skip zero padding past it).
+        op: The op chosen for this batch.
+    """
+
+    slots: torch.Tensor | None = None
+    runs: list[tuple[int, int, int]] = field(default_factory=list)
+    rank: int = 0
+    op: Callable[..., torch.Tensor] | None = None
+
+    def set_batch(self, slot_list: list[int], ranks: dict[int, int], device: torch.device, mode: str) -> None:
+        """Prepare for a forward over tokens whose slots are ``slot_list``."""
+        self.slots = torch.tensor(slot_list, dtype=torch.long, device=device)
+        self.runs = segments(slot_list)
+        self.rank = max((ranks[s] for s in set(slot_list) if s >= 0), default=0)
+        self.op = choose_op(mode, len(slot_list), len(self.runs))
+
+    def clear(self) -> None:
+        self.slots, self.runs, self.rank, self.op = None, [], 0, None
+
+
+def choose_op(mode: str, num_tokens: int, num_runs: int) -> Callable[..., torch.Tensor] | None:
+    """``auto``: segmented matmuls when runs are long (prefill), gather+bmm when they are short."""
+    if num_runs == 0:
+        return None
+    if mode == "reference":
+        return lora_reference
+    if mode == "bgmv":
+        return lora_bgmv
+    if mode == "sgmv":
+        return lora_sgmv
+    return lora_sgmv if num_tokens >= 4 * num_runs else lora_bgmv
+
+
+class BatchedLoraLinear(nn.Module):
+    """``base(x) + B[s] A[s] x`` per token, for up to ``num_slots`` adapters at once.
+
+    Args:
+        base: The wrapped projection (``nn.Linear`` or a bitsandbytes quantized linear); not modified.
+        num_slots: Adapter slots.
+        max_rank: Rank the buffers are sized for.
+        context: The shared per-step context.
+        dtype: Dtype of the slot buffers (the compute dtype).
+    """
+
+    def __init__(
+        self, base: nn.Module, num_slots: int, max_rank: int, context: LoraContext, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features = int(base.in_features)
+        self.out_features = int(base.out_features)
+        self.context = context
+        device = _module_device(base)
+        self.register_buffer(
+            "a", torch.zeros(num_slots, max_rank, self.in_features, dtype=dtype, device=device)
+        )
+        self.register_buffer(
+            "bt", torch.zeros(num_slots, max_rank, self.out_features, dtype=dtype, device=device)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        ctx = self.context
+        if ctx.op is None:
+            return y
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1]).to(self.a.dtype)  # [T, in]
+        if ctx.op is lora_sgmv:
+            delta = lora_sgmv(flat, self.a, self.bt, ctx.slots, ctx.rank, ctx.runs)
+        else:
+            delta = ctx.op(flat, self.a, self.bt, ctx.slots, ctx.rank)
+        return y + delta.reshape(*shape[:-1], self.out_features).to(y.dtype)
+
+    @torch.no_grad()
+    def load_slot(self, slot: int, a: torch.Tensor | None, bt: torch.Tensor | None) -> None:
+        """Copy ``a: [r, in]`` and ``bt: [r, out]`` (scaled) into ``slot``; None clears the slot."""
+        self.a[slot].zero_()
+        self.bt[slot].zero_()
+        if a is not None and bt is not None:
+            rank = a.shape[0]
+            self.a[slot, :rank].copy_(a, non_blocking=True)
+            self.bt[slot, :rank].copy_(bt, non_blocking=True)
+
+    def slot_bytes(self) -> int:
+        return (self.a[0].numel() + self.bt[0].numel()) * self.a.element_size()
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def install_lora_layers(
+    model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype
+) -> tuple[LoraContext, dict[str, BatchedLoraLinear]]:
+    """Wrap every supported projection of ``model`` in place; return the context and the layers by name
+    (names as PEFT writes them, e.g. ``model.layers.0.self_attn.q_proj``)."""
+    context = LoraContext()
+    layers: dict[str, BatchedLoraLinear] = {}
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] in SUPPORTED_TARGETS and hasattr(module, "in_features")
+    ]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        wrapped = BatchedLoraLinear(module, num_slots, max_rank, context, dtype)
+        setattr(model.get_submodule(parent_name), child, wrapped)
+        layers[name] = wrapped
+    return context, layers

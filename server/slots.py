@@ -1,0 +1,91 @@
+"""Which adapter sits in which device slot: LRU with pins and in-use counts.
+
+A slot holding an adapter used by a running request, or pinned, is never evicted. Pure bookkeeping
+(no tensors), so the state machine can be tested step by step.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+
+class SlotTable:
+    """Maps adapter keys (digests) to slot indices ``0 .. num_slots-1``."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self._slot_of: OrderedDict[str, int] = OrderedDict()  # LRU order: oldest first
+        self._free = list(range(num_slots - 1, -1, -1))
+        self._in_use: dict[str, int] = {}
+        self._pinned: set[str] = set()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._slot_of
+
+    def slot_of(self, key: str) -> int | None:
+        return self._slot_of.get(key)
+
+    def keys(self) -> list[str]:
+        return list(self._slot_of)
+
+    def can_place(self, key: str) -> bool:
+        """Whether ``key`` is resident or could be made resident now."""
+        return key in self._slot_of or bool(self._free) or self._victim() is not None
+
+    def place(self, key: str) -> tuple[int, str | None, bool]:
+        """Make ``key`` resident. Returns (slot, evicted key or None, whether a copy is needed).
+
+        Raises:
+            RuntimeError: when no slot is free or evictable (check :meth:`can_place` first).
+        """
+        if key in self._slot_of:
+            self._slot_of.move_to_end(key)
+            return self._slot_of[key], None, False
+        evicted = None
+        if not self._free:
+            evicted = self._victim()
+            if evicted is None:
+                raise RuntimeError("every adapter slot is pinned or in use")
+            self._free.append(self._slot_of.pop(evicted))
+        slot = self._free.pop()
+        self._slot_of[key] = slot
+        return slot, evicted, True
+
+    def acquire(self, key: str) -> None:
+        """A request starts using the resident ``key``."""
+        self._in_use[key] = self._in_use.get(key, 0) + 1
+        self._slot_of.move_to_end(key)
+
+    def release(self, key: str) -> None:
+        count = self._in_use.get(key, 0) - 1
+        if count > 0:
+            self._in_use[key] = count
+        else:
+            self._in_use.pop(key, None)
+
+    def in_use(self, key: str) -> bool:
+        return key in self._in_use
+
+    def pin(self, key: str) -> None:
+        self._pinned.add(key)
+
+    def unpin(self, key: str) -> None:
+        self._pinned.discard(key)
+
+    def is_pinned(self, key: str) -> bool:
+        return key in self._pinned
+
+    def remove(self, key: str) -> int | None:
+        """Drop an idle, unpinned ``key``; return its freed slot (None when not resident or busy)."""
+        if key not in self._slot_of or key in self._in_use:
+            return None
+        self._pinned.discard(key)
+        slot = self._slot_of.pop(key)
+        self._free.append(slot)
+        return slot
+
+    def _victim(self) -> str | None:
+        for key in self._slot_of:  # oldest first
+            if key not in self._in_use and key not in self._pinned:
+                return key
+        return None
