@@ -1,0 +1,80 @@
+"""The pulling side's cache: ``paths.adapter_cache_dir()/<digest hex>/`` holds one verified version.
+
+A cache folder is used only after every file was re-hashed against the manifest; a corrupted or partial
+folder is fetched again. Downloads go to a temporary folder that is renamed into place once verified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+import uuid
+from pathlib import Path
+
+from loraswap.registry.layout import blob_key
+from loraswap.registry.manifest import Manifest
+from loraswap.registry.store import ObjectStore, Progress
+
+from loraswap import paths
+from loraswap.errors import IntegrityError
+
+CHUNK = 1 << 20
+
+
+def file_digest(path: Path) -> str:
+    """``sha256:<hex>`` of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def folder_problems(folder: Path, manifest: Manifest) -> list[str]:
+    """Files of ``folder`` that are missing or differ from ``manifest``."""
+    problems = []
+    for entry in manifest.files:
+        path = folder / entry.path
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif path.stat().st_size != entry.size or file_digest(path) != entry.digest:
+            problems.append(f"{path} does not match {entry.digest}")
+    return problems
+
+
+def download_blob(store: ObjectStore, digest: str, dest: Path, progress: Progress | None = None) -> None:
+    """Copy blob ``digest`` to ``dest``, checking its hash; :class:`IntegrityError` on mismatch."""
+    hasher = hashlib.sha256()
+    with contextlib.closing(store.open(blob_key(digest))) as stream, open(dest, "wb") as out:
+        while chunk := stream.read(CHUNK):
+            hasher.update(chunk)
+            out.write(chunk)
+            if progress:
+                progress(len(chunk))
+    if "sha256:" + hasher.hexdigest() != digest:
+        dest.unlink()
+        raise IntegrityError(f"blob {digest} in {store.url} is corrupt; run `loraswap registry verify`")
+
+
+def cached_version(store: ObjectStore, manifest: Manifest, progress: Progress | None = None) -> Path:
+    """The verified cache folder of ``manifest``, downloading it if absent or corrupt."""
+    root = paths.adapter_cache_dir()
+    final = root / manifest.hex
+    if final.is_dir() and not folder_problems(final, manifest):
+        return final
+    temp = root / f".tmp-{uuid.uuid4().hex}"
+    temp.mkdir(parents=True)
+    try:
+        for entry in manifest.files:
+            download_blob(store, entry.digest, temp / entry.path, progress)
+        if final.exists():  # corrupt or partial entry
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            temp.rename(final)
+        except OSError:  # another puller put it in place first
+            if folder_problems(final, manifest):
+                raise
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return final

@@ -1,0 +1,206 @@
+"""``loraswap registry …``: push, pull, list, show, tag, untag, rm, gc and verify adapters."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REGISTRY_HELP = (
+    "registry URL: a folder, file:///path or s3://bucket/prefix "
+    "(default: $LORASWAP_REGISTRY, else ~/.cache/loraswap/registry)"
+)
+REF_HELP = "adapter reference: NAME (= NAME:latest), NAME:TAG or NAME@sha256:HEX"
+EPILOG = """\
+S3: endpoint from $LORASWAP_S3_ENDPOINT or $AWS_ENDPOINT_URL, credentials from the standard AWS
+variables; add ?conditional=false to an s3:// URL for stores that ignore If-Match/If-None-Match.
+examples:
+  loraswap registry push ./out/adapter --name support-bot --tag prod --base default
+  loraswap registry pull support-bot:prod ./adapter
+  loraswap registry show support-bot --json
+"""
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``registry`` and its actions to the ``loraswap`` parser."""
+    parser = subparsers.add_parser(
+        "registry",
+        help="push, pull and manage LoRA adapters in a registry",
+        description="Store LoRA adapters as immutable, content-addressed versions with movable tags.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--registry", metavar="URL", default=None, help=REGISTRY_HELP)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--registry", metavar="URL", default=argparse.SUPPRESS, help=REGISTRY_HELP)
+    sub = parser.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
+    _add_push(sub, common)
+    _add_read_actions(sub, common)
+    _add_write_actions(sub, common)
+
+
+def _add_push(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    push = sub.add_parser(
+        "push",
+        parents=[common],
+        help="validate an adapter folder and store it as a new version (moves 'latest')",
+        description="Validate a PEFT adapter folder and push it; prints the version's digest.",
+    )
+    push.add_argument("folder", metavar="DIR", type=Path, help="PEFT adapter folder (save_pretrained output)")
+    push.add_argument("--name", required=True, help="adapter name: [a-z0-9][a-z0-9._-]{0,63}")
+    push.add_argument("--tag", action="append", default=[], metavar="TAG", help="also set TAG (repeatable)")
+    push.add_argument(
+        "--base",
+        metavar="MODEL",
+        help="base model ('default' or an HF folder): check the adapter fits it, record its fingerprint",
+    )
+    push.add_argument("--description", metavar="TEXT", help="free text kept with the version")
+    push.add_argument("--max-bytes", type=int, metavar="N", help="largest adapter accepted (default 2 GiB)")
+    push.set_defaults(func=_push)
+
+
+def _add_read_actions(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    pull = sub.add_parser("pull", parents=[common], help="download a version (verified, cached)")
+    pull.add_argument("ref", metavar="REF", help=REF_HELP)
+    pull.add_argument(
+        "dest", metavar="DEST", nargs="?", type=Path, help="copy the files here (default: cache)"
+    )
+    pull.set_defaults(func=_pull)
+    listing = sub.add_parser("list", parents=[common], help="list adapters, versions and tags")
+    listing.add_argument("name", metavar="NAME", nargs="?", help="only this adapter")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=_list)
+    show = sub.add_parser(
+        "show", parents=[common], help="print a version's manifest (incl. training lineage)"
+    )
+    show.add_argument("ref", metavar="REF", help=REF_HELP)
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(func=_show)
+    verify = sub.add_parser(
+        "verify", parents=[common], help="re-hash everything; exit 1 if anything is corrupt"
+    )
+    verify.set_defaults(func=_verify)
+
+
+def _add_write_actions(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    tag = sub.add_parser("tag", parents=[common], help="point a tag at a version")
+    tag.add_argument("ref", metavar="REF", help=REF_HELP)
+    tag.add_argument("tag", metavar="TAG", help="tag to set or move")
+    tag.set_defaults(func=_tag)
+    untag = sub.add_parser("untag", parents=[common], help="remove a tag (the version stays)")
+    untag.add_argument("ref", metavar="NAME:TAG", help="the tag to remove")
+    untag.set_defaults(func=_untag)
+    rm = sub.add_parser("rm", parents=[common], help="delete a version (refused while tagged)")
+    rm.add_argument("ref", metavar="REF", help=REF_HELP)
+    rm.add_argument("--force", action="store_true", help="delete a tagged version and its tags")
+    rm.set_defaults(func=_rm)
+    gc = sub.add_parser("gc", parents=[common], help="delete blobs no version uses")
+    gc.add_argument(
+        "--grace",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="keep unreferenced blobs younger than this (pushes in progress; default 3600)",
+    )
+    gc.set_defaults(func=_gc)
+
+
+def _open(args: argparse.Namespace, **options: object):
+    from loraswap.registry import open_registry
+
+    return open_registry(args.registry, progress=sys.stderr.isatty(), **options)
+
+
+def _push(args: argparse.Namespace) -> int:
+    from loraswap.models import resolve_base
+
+    base = resolve_base(args.base) if args.base else None
+    options = {"max_bytes": args.max_bytes} if args.max_bytes else {}
+    manifest = _open(args, **options).push(args.folder, args.name, args.tag, base, args.description)
+    tags = ", ".join(dict.fromkeys(["latest", *args.tag]))
+    print(f"pushed {manifest.name}@{manifest.digest} ({manifest.size} bytes; tags: {tags})")
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    print(_open(args).pull(args.ref, args.dest))
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    entries = _open(args).list(args.name)
+    if args.json:
+        rows = [{**e.manifest.to_dict(), "tags": list(e.tags)} for e in entries]
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'NAME':<24} {'DIGEST':<19} {'RANK':>4} {'SIZE':>10}  {'CREATED':<25} TAGS")
+    for entry in entries:
+        m = entry.manifest
+        short = m.digest[:19]
+        print(f"{m.name:<24} {short:<19} {m.rank:>4} {m.size:>10}  {m.created:<25} {','.join(entry.tags)}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    info = _open(args).resolve(args.ref).to_dict()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key in ("name", "digest", "created", "description", "size"):
+        print(f"{key + ':':<18}{info[key]}")
+    adapter, base = info["adapter"], info["base"]
+    print(f"{'rank / alpha:':<18}{adapter['rank']} / {adapter['alpha']} (rslora: {adapter['use_rslora']})")
+    print(f"{'targets:':<18}{', '.join(adapter['target_modules'])}")
+    print(f"{'dtype:':<18}{adapter['dtype']}")
+    print(f"{'base:':<18}{base['model_id']} ({base['fingerprint'] or 'no fingerprint'})")
+    print("files:")
+    for entry in info["files"]:
+        print(f"  {entry['path']:<28}{entry['size']:>12}  {entry['digest']}")
+    training = info.get("training")
+    print("training:" + (" none" if not training else "\n" + json.dumps(training, indent=2)))
+    return 0
+
+
+def _tag(args: argparse.Namespace) -> int:
+    manifest = _open(args).tag(args.ref, args.tag)
+    print(f"tagged {manifest.name}@{manifest.digest} as {manifest.name}:{args.tag}")
+    return 0
+
+
+def _untag(args: argparse.Namespace) -> int:
+    from loraswap.errors import InvalidArgumentError
+
+    name, sep, tag = args.ref.partition(":")
+    if not sep:
+        raise InvalidArgumentError(f"untag needs NAME:TAG, got {args.ref!r}")
+    _open(args).untag(name, tag)
+    print(f"removed tag {name}:{tag}")
+    return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    manifest = _open(args).rm(args.ref, force=args.force)
+    print(f"removed {manifest.name}@{manifest.digest} (run `loraswap registry gc` to free its blobs)")
+    return 0
+
+
+def _gc(args: argparse.Namespace) -> int:
+    report = _open(args).gc(grace_seconds=args.grace)
+    print(
+        f"removed {len(report.removed)} blobs ({report.freed_bytes} bytes); "
+        f"kept {report.kept_young} unreferenced blobs younger than {args.grace:g}s"
+    )
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    registry = _open(args)
+    problems = registry.verify()
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"loraswap: error: {len(problems)} problems in {registry.url}", file=sys.stderr)
+        return 1
+    print(f"{registry.url}: ok")
+    return 0

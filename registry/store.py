@@ -1,0 +1,139 @@
+"""The small object-store interface every registry backend implements, and ``open_store(url)``.
+
+Keys are ``/``-separated relative paths built by the registry from checked names, tags and hex digests.
+Each stored object has an opaque ``etag`` that changes whenever its content is replaced; tags are
+updated with :meth:`ObjectStore.compare_and_swap` so that a concurrent update is never lost silently.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import parse_qs, urlparse
+
+from loraswap.errors import InvalidArgumentError
+
+# One segment of a key: no empty, '.' or '..' segment, no backslash, no leading dot (temp files use it).
+_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+
+Progress = Callable[[int], None]
+"""Called with the number of bytes just transferred (drives a progress bar)."""
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if every segment is a plain file name; raise :class:`InvalidArgumentError` if not."""
+    parts = key.split("/")
+    if not key or not all(_SEGMENT_RE.match(part) for part in parts):
+        raise InvalidArgumentError(f"invalid store key {key!r}")
+    return key
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a listing says about one object.
+
+    Attributes:
+        key: The object's key.
+        size: Size in bytes.
+        modified: Last write (or touch), seconds since the epoch.
+    """
+
+    key: str
+    size: int
+    modified: float
+
+
+class ObjectStore(ABC):
+    """A flat key → bytes store with conditional writes.
+
+    Attributes:
+        url: Where the store lives (for messages).
+    """
+
+    url: str
+
+    @abstractmethod
+    def read(self, key: str) -> tuple[bytes, str]:
+        """Return ``(content, etag)``; raise :class:`NotFoundError` if the key is absent."""
+
+    def get(self, key: str) -> bytes:
+        """Return the content of ``key``; raise :class:`NotFoundError` if absent."""
+        return self.read(key)[0]
+
+    @abstractmethod
+    def open(self, key: str) -> BinaryIO:
+        """A binary stream over the content (for large blobs); :class:`NotFoundError` if absent."""
+
+    @abstractmethod
+    def put(self, key: str, data: bytes | Path, progress: Progress | None = None) -> None:
+        """Write (or replace) ``key`` atomically: readers see the old or the whole new content."""
+
+    @abstractmethod
+    def put_if_absent(self, key: str, data: bytes | Path, progress: Progress | None = None) -> bool:
+        """Write ``key`` only if it does not exist; return whether this call created it."""
+
+    @abstractmethod
+    def compare_and_swap(self, key: str, data: bytes, expected: str | None) -> str:
+        """Replace ``key`` if its etag is ``expected`` (``None``: only if absent); return the new etag.
+
+        Raises:
+            ConflictError: The key changed (or appeared) since ``expected`` was read.
+        """
+
+    @abstractmethod
+    def delete(self, key: str, expected: str | None = None) -> None:
+        """Delete ``key`` (no error if absent); with ``expected``, only if its etag still matches.
+
+        Raises:
+            ConflictError: ``expected`` was given and the key has another etag now.
+        """
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix`` (in-progress temporary writes excluded)."""
+
+    @abstractmethod
+    def stat(self, key: str) -> ObjectInfo | None:
+        """Size and age of ``key``, or ``None`` if absent."""
+
+    @abstractmethod
+    def touch(self, key: str) -> None:
+        """Refresh the modification time of ``key`` (a reused blob must not look old to ``gc``)."""
+
+    def remove_stale_temp(self, older_than: float) -> int:
+        """Delete leftovers of killed writers older than ``older_than`` (epoch seconds); return a count.
+
+        Backends whose writes leave nothing behind (S3 publishes an object only once complete) keep this
+        no-op.
+        """
+        return 0
+
+
+def open_store(url: str | os.PathLike[str]) -> ObjectStore:
+    """Open the store at ``url``: ``file:///path``, a plain path, or ``s3://bucket/prefix``.
+
+    An ``s3://`` URL may end in ``?conditional=false`` to force the read-back fallback for tag updates
+    (for stores known to ignore ``If-Match``/``If-None-Match``); by default a probe decides.
+    """
+    text = os.fspath(url)
+    parsed = urlparse(text)
+    if parsed.scheme == "s3":
+        from loraswap.registry.s3_store import S3Store
+
+        options = parse_qs(parsed.query)
+        conditional = None
+        if "conditional" in options:
+            conditional = options["conditional"][-1].lower() not in ("0", "false", "no")
+        return S3Store(parsed.netloc, parsed.path.strip("/"), conditional=conditional)
+    from loraswap.registry.local_store import LocalStore
+
+    if parsed.scheme == "file":
+        return LocalStore(Path(parsed.path))
+    if parsed.scheme and len(parsed.scheme) > 1:  # 'c:' style drive letters are paths
+        raise InvalidArgumentError(f"unsupported registry URL {text!r}: use a path, file:///path or s3://")
+    return LocalStore(Path(text).expanduser())
