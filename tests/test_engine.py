@@ -1,0 +1,339 @@
+"""The multi-LoRA engine against the PEFT oracle, and its batching, errors and cache tiers."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraswap.errors import (
+    AdapterValidationError,
+    CancelledError,
+    DeadlineExceededError,
+    DrainingError,
+    IncompatibleAdapterError,
+    InvalidArgumentError,
+    NotFoundError,
+    OverloadedError,
+)
+from loraswap.models import resolve_base
+from loraswap.registry.registry import open_registry
+from loraswap.server.api import ChatMessage, GenerationRequest, SamplingParams
+from loraswap.server.config import EngineConfig
+from loraswap.server.engine import Engine
+from loraswap.server.forward import SeqChunk
+
+PROMPTS = ["The quick brown fox", "Paris is the capital", "def add(a, b):", "Adapters are small low"]
+# Mixed ranks, module subsets, rsLoRA and alpha: each a distinct adapter for the same tiny base.
+ADAPTER_SPECS = {
+    "r4-qv": dict(r=4, target_modules=("q_proj", "v_proj"), seed=11),
+    "r8-all": dict(
+        r=8,
+        target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        seed=12,
+    ),
+    "r16-mlp": dict(r=16, alpha=8.0, target_modules=("gate_proj", "up_proj", "down_proj"), seed=13),
+    "r2-o": dict(r=2, alpha=32.0, target_modules=("o_proj",), seed=14),
+    "rs8-kv": dict(r=8, target_modules=("k_proj", "v_proj"), use_rslora=True, seed=15),
+    "r12-qd": dict(r=12, target_modules=("q_proj", "down_proj"), seed=16),
+    "r6-up": dict(r=6, target_modules=("up_proj",), seed=17),
+    "r32-v": dict(r=32, alpha=64.0, target_modules=("v_proj",), seed=18),
+}
+
+
+@pytest.fixture(scope="module")
+def registry_with_adapters(tmp_path_factory, tiny_base: Path, make_adapter):
+    """A local registry holding the eight adapters above, pushed for the tiny base."""
+    registry = open_registry(tmp_path_factory.mktemp("registry"))
+    base = resolve_base(tiny_base)
+    folders = {}
+    for name, spec in ADAPTER_SPECS.items():
+        folders[name] = make_adapter(**spec)
+        registry.push(folders[name], name, base=base)
+    return registry, folders
+
+
+def make_engine(tiny_base: Path, registry, **overrides) -> Engine:
+    config = EngineConfig(
+        base=str(tiny_base),
+        quantization="fp32",
+        adapter_slots=8,
+        max_rank=32,
+        max_batch_size=16,
+        max_seq_len=96,
+    )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    engine = Engine(config, registry=registry)
+    engine.start()
+    return engine
+
+
+@pytest.fixture
+def engine(tiny_base: Path, registry_with_adapters):
+    engine = make_engine(tiny_base, registry_with_adapters[0])
+    yield engine
+    engine.stop(drain_timeout=5)
+
+
+def peft_model(tiny_base: Path, adapter: Path | None):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    return (PeftModel.from_pretrained(model, adapter) if adapter else model).eval()
+
+
+def greedy(max_new_tokens: int = 10, **kwargs) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, **kwargs)
+
+
+@pytest.mark.slow
+def test_mixed_batch_is_token_identical_to_peft(
+    engine: Engine, registry_with_adapters, tiny_base: Path
+) -> None:
+    _, folders = registry_with_adapters
+    names = ["", *ADAPTER_SPECS]
+    requests = [GenerationRequest(adapter=n, prompt=p, sampling=greedy()) for n in names for p in PROMPTS[:2]]
+    results = [h.result(timeout=120) for h in [engine.submit(r) for r in requests]]
+    tokenizer = engine.tokenizer
+    for name in names:
+        oracle = peft_model(tiny_base, folders.get(name))
+        for prompt in PROMPTS[:2]:
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+            expected = oracle.generate(
+                ids, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0
+            )
+            got = results[requests.index(GenerationRequest(adapter=name, prompt=prompt, sampling=greedy()))]
+            assert list(got.token_ids) == expected[0, ids.shape[1] :].tolist(), (name, prompt)
+            assert got.adapter_digest.startswith("sha256:") if name else got.adapter_digest == ""
+
+
+def test_mixed_batch_logits_match_peft(engine: Engine, registry_with_adapters, tiny_base: Path) -> None:
+    _, folders = registry_with_adapters
+    names = list(ADAPTER_SPECS)
+    slots = {n: engine.load_adapter(n, "device") for n in names}
+    tokenizer = engine.tokenizer
+    chunks, rows = [], []
+    for i, name in enumerate(["", *names]):
+        ids = tokenizer(PROMPTS[i % len(PROMPTS)])["input_ids"]
+        slot = -1 if not name else engine.adapters.slots.slot_of(slots[name].digest)
+        row = engine.kv.allocate()
+        rows.append(row)
+        chunks.append(SeqChunk(row, ids, 0, slot, True))
+    with engine.step_lock:
+        logits = engine.forward(chunks)
+    for row in rows:
+        engine.kv.release(row)
+    for i, name in enumerate(["", *names]):
+        oracle = peft_model(tiny_base, folders.get(name))
+        ids = tokenizer(PROMPTS[i % len(PROMPTS)], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            expected = oracle(ids).logits[0, -1]
+        torch.testing.assert_close(logits[i], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("quantization", ["fp32", "bf16", "nf4"])
+def test_base_output_unchanged_after_200_adapter_loads(
+    tiny_base: Path, registry_with_adapters, quantization
+) -> None:
+    registry, _ = registry_with_adapters
+    engine = make_engine(tiny_base, registry, quantization=quantization, adapter_slots=2)
+    try:
+        request = GenerationRequest(prompt=PROMPTS[0], sampling=greedy(8))
+        with engine.step_lock:
+            row = engine.kv.allocate()
+            ids = engine.tokenizer(PROMPTS[0])["input_ids"]
+            before = engine.forward([SeqChunk(row, ids, 0, -1, True)])
+        first = engine.generate(request)
+        names = list(ADAPTER_SPECS)
+        for i in range(200):
+            engine.load_adapter(names[i % len(names)], "device")
+            if i % 3 == 0:
+                engine.unload_adapter(names[i % len(names)])
+        with engine.step_lock:
+            after = engine.forward([SeqChunk(row, ids, 0, -1, True)])
+            engine.kv.release(row)
+        assert torch.equal(before, after)
+        assert engine.generate(request).token_ids == first.token_ids
+    finally:
+        engine.stop(drain_timeout=5)
+
+
+def test_more_adapters_than_slots_all_finish_correctly(tiny_base: Path, registry_with_adapters) -> None:
+    registry, _ = registry_with_adapters
+    engine = make_engine(tiny_base, registry, adapter_slots=2, max_batch_size=4)
+    wide = make_engine(tiny_base, registry)
+    try:
+        requests = [
+            GenerationRequest(adapter=n, prompt=PROMPTS[0], sampling=greedy(6)) for n in ADAPTER_SPECS
+        ] * 2
+        got = [h.result(timeout=120) for h in [engine.submit(r) for r in requests]]
+        expected = [wide.generate(r) for r in requests]
+        assert [g.token_ids for g in got] == [e.token_ids for e in expected]
+    finally:
+        engine.stop(drain_timeout=5)
+        wide.stop(drain_timeout=5)
+
+
+def test_request_joins_while_others_decode(engine: Engine) -> None:
+    long = [engine.submit(GenerationRequest(adapter="r4-qv", prompt=p, sampling=greedy(60))) for p in PROMPTS]
+    next(long[0].events(timeout=30))  # the first batch is decoding
+    late = engine.submit(GenerationRequest(adapter="r8-all", prompt=PROMPTS[1], sampling=greedy(2)))
+    late_result = late.result(timeout=30)
+    assert late_result.completion_tokens == 2
+    assert any(h.state.output_ids and len(h.state.output_ids) < 60 for h in long)  # joined mid-flight
+    for handle in long:
+        assert handle.result(timeout=60).completion_tokens == 60
+
+
+def test_streaming_events_add_up_to_the_result(engine: Engine) -> None:
+    handle = engine.submit(GenerationRequest(adapter="r8-all", prompt=PROMPTS[2], sampling=greedy(12)))
+    events = list(handle.events(timeout=30))
+    assert events[-1].finished and not any(e.finished for e in events[:-1])
+    assert "".join(e.text for e in events) == events[-1].result.text
+    assert sum(len(e.token_ids) for e in events) == 12
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(engine: Engine) -> None:
+    params = SamplingParams(
+        max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.9, seed=1234, ignore_eos=True
+    )
+    alone = engine.generate(GenerationRequest(adapter="r4-qv", prompt=PROMPTS[0], sampling=params))
+    crowd = [engine.submit(GenerationRequest(adapter="r2-o", prompt=p, sampling=greedy(12))) for p in PROMPTS]
+    again = engine.generate(GenerationRequest(adapter="r4-qv", prompt=PROMPTS[0], sampling=params))
+    for handle in crowd:
+        handle.result(timeout=30)
+    assert alone.token_ids == again.token_ids
+    other = engine.generate(
+        GenerationRequest(
+            adapter="r4-qv", prompt=PROMPTS[0], sampling=SamplingParams(**{**params.__dict__, "seed": 99})
+        )
+    )
+    assert other.token_ids != alone.token_ids
+
+
+def test_stop_strings_and_chat_messages(engine: Engine) -> None:
+    free = engine.generate(GenerationRequest(adapter="r8-all", prompt=PROMPTS[1], sampling=greedy(16)))
+    cut = free.text[3:5]
+    assert cut
+    stopped = engine.generate(
+        GenerationRequest(adapter="r8-all", prompt=PROMPTS[1], sampling=greedy(16, stop=(cut,)))
+    )
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == free.text[: free.text.find(cut)]
+    chat = engine.generate(
+        GenerationRequest(adapter="r4-qv", messages=(ChatMessage("user", "hello"),), sampling=greedy(4))
+    )
+    expected_ids = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hello"}], add_generation_prompt=True, tokenize=True
+    )
+    assert chat.prompt_tokens == len(
+        expected_ids["input_ids"] if hasattr(expected_ids, "keys") else expected_ids
+    )
+
+
+def test_bad_requests_are_refused_with_every_reason(engine: Engine) -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        engine.submit(
+            GenerationRequest(
+                prompt="x",
+                messages=(ChatMessage("user", "y"),),
+                sampling=SamplingParams(top_p=0, temperature=-1),
+            )
+        )
+    assert len(info.value.problems) == 3
+    with pytest.raises(InvalidArgumentError, match="limit"):
+        engine.submit(GenerationRequest(prompt="fox " * 200))
+
+
+def test_unknown_and_incompatible_adapters_never_fall_back_to_the_base(
+    engine: Engine, registry_with_adapters, make_adapter, other_tiny_base: Path, tmp_path: Path
+) -> None:
+    registry, _ = registry_with_adapters
+    with pytest.raises(NotFoundError):
+        engine.generate(GenerationRequest(adapter="no-such-adapter", prompt="x"))
+    with pytest.raises(NotFoundError):
+        engine.generate(GenerationRequest(adapter="r4-qv:no-such-tag", prompt="x"))
+    foreign = make_adapter(base=other_tiny_base, r=4)
+    registry.push(foreign, "foreign", base=resolve_base(other_tiny_base))
+    with pytest.raises(IncompatibleAdapterError) as info:
+        engine.generate(GenerationRequest(adapter="foreign", prompt="x"))
+    assert any("base" in p for p in info.value.problems) and any("lora_A" in p for p in info.value.problems)
+    too_big = make_adapter(r=64, target_modules=("q_proj",))
+    registry.push(too_big, "too-big")
+    with pytest.raises(IncompatibleAdapterError, match="max rank"):
+        engine.generate(GenerationRequest(adapter="too-big", prompt="x"))
+    assert isinstance(IncompatibleAdapterError("x"), Exception) and not issubclass(
+        AdapterValidationError, IncompatibleAdapterError
+    )
+
+
+def test_queue_bound_cancellation_deadline_and_drain(tiny_base: Path, registry_with_adapters) -> None:
+    registry, _ = registry_with_adapters
+    engine = make_engine(tiny_base, registry, max_batch_size=1, max_queue=2)
+    try:
+        running = engine.submit(GenerationRequest(prompt=PROMPTS[0], sampling=greedy(80)))
+        next(running.events(timeout=30))
+        queued = [engine.submit(GenerationRequest(prompt=PROMPTS[1], sampling=greedy(2))) for _ in range(2)]
+        with pytest.raises(OverloadedError):
+            engine.submit(GenerationRequest(prompt=PROMPTS[1]))
+        running.cancel()
+        with pytest.raises(CancelledError):
+            running.result(timeout=30)
+        assert [q.result(timeout=30).completion_tokens for q in queued] == [2, 2]
+        late = engine.submit(
+            GenerationRequest(prompt=PROMPTS[0], sampling=greedy(80), deadline=time.monotonic() + 0.05)
+        )
+        with pytest.raises(DeadlineExceededError):
+            late.result(timeout=30)
+        assert engine.kv.free_rows == 1
+        inflight = engine.submit(GenerationRequest(prompt=PROMPTS[0], sampling=greedy(20)))
+        stopper = threading.Thread(target=engine.stop, kwargs={"drain_timeout": 30})
+        stopper.start()
+        time.sleep(0.05)
+        with pytest.raises(DrainingError):
+            engine.submit(GenerationRequest(prompt=PROMPTS[0]))
+        assert inflight.result(timeout=30).completion_tokens == 20
+        stopper.join()
+    finally:
+        engine.stop(drain_timeout=1)
+
+
+def test_moved_tag_takes_effect_after_ttl(tiny_base: Path, registry_with_adapters, make_adapter) -> None:
+    registry, folders = registry_with_adapters
+    engine = make_engine(tiny_base, registry, tag_ttl_s=0.0)
+    try:
+        registry.push(folders["r4-qv"], "moving", tags=["prod"])
+        first = engine.generate(
+            GenerationRequest(adapter="moving:prod", prompt=PROMPTS[0], sampling=greedy(4))
+        )
+        registry.push(folders["r8-all"], "moving", tags=["prod"])
+        second = engine.generate(
+            GenerationRequest(adapter="moving:prod", prompt=PROMPTS[0], sampling=greedy(4))
+        )
+        assert first.adapter_digest != second.adapter_digest
+        pinned = engine.generate(
+            GenerationRequest(adapter=f"moving@{first.adapter_digest}", prompt=PROMPTS[0], sampling=greedy(4))
+        )
+        assert pinned.token_ids == first.token_ids
+    finally:
+        engine.stop(drain_timeout=5)
+
+
+def test_admin_tiers_pin_and_listing(engine: Engine) -> None:
+    status = engine.load_adapter("r16-mlp", "host")
+    assert "host" in status.tiers and "device" not in status.tiers and status.rank == 16
+    status = engine.pin("r16-mlp")
+    assert status.pinned and "device" in status.tiers
+    engine.generate(GenerationRequest(adapter="r16-mlp", prompt="x", sampling=greedy(2)))
+    listed = {s.name: s for s in engine.list_adapters()}
+    assert listed["r16-mlp"].hits == 1 and listed["r16-mlp"].last_used > 0
+    assert not engine.unpin("r16-mlp").pinned
+    engine.unload_adapter("r16-mlp")
+    assert engine.adapters.status(status.digest).tiers in ((), ("disk",))
+    info = engine.info()
+    assert info.adapter_slots == 8 and info.quantization == "fp32" and info.kv_cache_bytes > 0

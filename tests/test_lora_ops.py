@@ -1,0 +1,59 @@
+"""The fast LoRA ops against the per-token reference op, on random data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraswap.server.lora_layer import choose_op
+from loraswap.server.lora_ops import lora_bgmv, lora_reference, lora_sgmv, segments
+
+
+def _random_case(tokens: int, slots: int, rank: int, seed: int, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, 48, generator=gen).to(dtype)
+    a = torch.randn(slots, rank, 48, generator=gen).to(dtype)
+    bt = torch.randn(slots, rank, 80, generator=gen).to(dtype)
+    slot_ids = torch.randint(-1, slots, (tokens,), generator=gen)
+    return x, a, bt, slot_ids
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("op", [lora_bgmv, lora_sgmv])
+def test_fast_ops_match_reference(op, seed: int) -> None:
+    x, a, bt, slots = _random_case(tokens=37, slots=6, rank=8, seed=seed)
+    expected = lora_reference(x, a, bt, slots)
+    torch.testing.assert_close(op(x, a, bt, slots), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ops_in_bf16_stay_close_to_fp32_reference() -> None:
+    x, a, bt, slots = _random_case(tokens=16, slots=4, rank=16, seed=7)
+    expected = lora_reference(x, a, bt, slots)
+    for op in (lora_bgmv, lora_sgmv):
+        got = op(x.bfloat16(), a.bfloat16(), bt.bfloat16(), slots).float()
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=0.5)
+
+
+def test_rank_truncation_is_exact_with_zero_padding() -> None:
+    x, a, bt, slots = _random_case(tokens=20, slots=3, rank=16, seed=3)
+    a[:, 4:] = 0
+    bt[:, 4:] = 0
+    full = lora_reference(x, a, bt, slots)
+    for op in (lora_bgmv, lora_sgmv):
+        torch.testing.assert_close(op(x, a, bt, slots, 4), full, rtol=1e-5, atol=1e-5)
+
+
+def test_tokens_without_adapter_get_no_delta() -> None:
+    x, a, bt, _ = _random_case(tokens=5, slots=2, rank=4, seed=0)
+    slots = torch.full((5,), -1)
+    for op in (lora_reference, lora_bgmv, lora_sgmv):
+        assert torch.count_nonzero(op(x, a, bt, slots)) == 0
+
+
+def test_segments_and_op_choice() -> None:
+    assert segments([0, 0, -1, 2, 2, 2, 0]) == [(0, 2, 0), (3, 6, 2), (6, 7, 0)]
+    assert segments([-1, -1]) == []
+    assert choose_op("auto", 8, 0) is None
+    assert choose_op("auto", 8, 8) is lora_bgmv  # decode: one token per run
+    assert choose_op("auto", 400, 2) is lora_sgmv  # prefill: long runs
+    assert choose_op("reference", 400, 2) is lora_reference
