@@ -1,0 +1,257 @@
+"""Every Prometheus metric of the server, declared here and nowhere else.
+
+:class:`Metrics` owns a dedicated ``CollectorRegistry`` (never the global one), is the engine's
+:class:`~loraswap.server.api.EngineObserver`, records per-call outcomes from the gRPC interceptor and
+per-request figures from the servicer, and computes cache residency, queue depth and memory at scrape
+time from the engine. Adapter labels are bounded: names outside ``tracked_adapters`` count as ``other``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from loraswap.server.api import GenerationResult, Tier
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+log = logging.getLogger(__name__)
+
+TIERS: tuple[Tier, ...] = ("device", "host", "disk")
+BASE_LABEL, OTHER_LABEL = "base", "other"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def adapter_name(ref: str) -> str:
+    """The name part of ``name``, ``name:tag`` or ``name@sha256:…``."""
+    return ref.split("@", 1)[0].split(":", 1)[0].strip()
+
+
+class Metrics:
+    """The server's metrics and the engine observer that feeds them."""
+
+    def __init__(self, tracked_adapters: Iterable[str] = ()) -> None:
+        self.registry = CollectorRegistry()
+        self.tracked_adapters = frozenset(tracked_adapters)
+        r = self.registry
+        self.build_info = Info("loraswap_build", "Base model and capacities of this server", registry=r)
+        self.requests = Counter(
+            "loraswap_requests", "Finished RPCs by method and status code", ["method", "code"], registry=r
+        )
+        self.prompt_tokens = Counter(
+            "loraswap_prompt_tokens", "Prompt tokens processed", ["adapter"], registry=r
+        )
+        self.generated_tokens = Counter(
+            "loraswap_generated_tokens", "Tokens generated", ["adapter"], registry=r
+        )
+        self.ttft = Histogram(
+            "loraswap_time_to_first_token_seconds", "From arrival to the first token", ["adapter"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.request_duration = Histogram(
+            "loraswap_request_duration_seconds", "From arrival to the last token", ["adapter"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_time = Histogram(
+            "loraswap_queue_time_seconds",
+            "Waiting for admission to the batch",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "loraswap_inter_token_latency_seconds", "Between consecutive tokens of a request",
+            buckets=TOKEN_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "loraswap_batch_size", "Sequences per engine step", buckets=COUNT_BUCKETS, registry=r
+        )
+        self.step_adapters = Histogram(
+            "loraswap_step_distinct_adapters",
+            "Distinct adapters per engine step",
+            buckets=COUNT_BUCKETS,
+            registry=r,
+        )
+        self.step_duration = Histogram(
+            "loraswap_step_duration_seconds", "Engine step time", buckets=TOKEN_BUCKETS, registry=r
+        )
+        self.prefill_tokens = Counter(
+            "loraswap_prefill_tokens", "Prompt tokens prefilled in steps", registry=r
+        )
+        self.cache_lookups = Counter(
+            "loraswap_adapter_cache_lookups", "Adapter cache lookups by tier", ["tier"], registry=r
+        )
+        self.cache_hits = Counter(
+            "loraswap_adapter_cache_hits", "Adapter cache hits by tier", ["tier"], registry=r
+        )
+        self.loads = Counter("loraswap_adapter_loads", "Adapter loads by source tier", ["source"], registry=r)
+        self.load_duration = Histogram(
+            "loraswap_adapter_load_duration_seconds", "Adapter load time by source tier", ["source"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.evictions = Counter(
+            "loraswap_adapter_evictions",
+            "Adapter evictions by tier and reason",
+            ["tier", "reason"],
+            registry=r,
+        )
+        self.load_failures = Counter(
+            "loraswap_adapter_load_failures", "Adapter loads that failed, by reason", ["reason"], registry=r
+        )
+        self._http: WSGIServer | None = None
+
+    # --- labels ---
+
+    def adapter_label(self, ref: str) -> str:
+        name = adapter_name(ref)
+        if not name:
+            return BASE_LABEL
+        return name if name in self.tracked_adapters else OTHER_LABEL
+
+    # --- wiring ---
+
+    def attach_engine(self, engine: Any) -> None:
+        """Publish the build info and register the scrape-time collector over ``engine``."""
+        info = engine.info()
+        self.build_info.info(
+            {
+                "base_model": info.base_model,
+                "fingerprint": info.base_fingerprint,
+                "quantization": info.quantization,
+                "dtype": info.dtype,
+                "device": info.device,
+                "max_rank": str(info.max_rank),
+                "slots": str(info.adapter_slots),
+                "version": info.versions.get("loraswap", ""),
+            }
+        )
+        self.registry.register(EngineCollector(engine))
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Start the /metrics endpoint on its own port (0 = a free one); return the port."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    def stop_http(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+    # --- from the gRPC layer ---
+
+    def on_call(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        self.requests.labels(method=method, code=code.name).inc()
+
+    def on_result(self, adapter: str, result: GenerationResult) -> None:
+        label = self.adapter_label(adapter)
+        self.prompt_tokens.labels(label).inc(result.prompt_tokens)
+        self.generated_tokens.labels(label).inc(result.completion_tokens)
+        t = result.timings
+        if result.completion_tokens:
+            self.ttft.labels(label).observe(t.ttft_s)
+        self.request_duration.labels(label).observe(t.total_s)
+        self.queue_time.observe(t.queue_s)
+
+    # --- EngineObserver ---
+
+    def on_step(self, batch_size: int, distinct_adapters: int, prefill_tokens: int, seconds: float) -> None:
+        self.batch_size.observe(batch_size)
+        self.step_adapters.observe(distinct_adapters)
+        self.step_duration.observe(seconds)
+        self.prefill_tokens.inc(prefill_tokens)
+
+    def on_cache_lookup(self, tier: Tier, hit: bool) -> None:
+        self.cache_lookups.labels(tier).inc()
+        if hit:
+            self.cache_hits.labels(tier).inc()
+
+    def on_adapter_load(self, source: str, seconds: float) -> None:
+        self.loads.labels(source).inc()
+        self.load_duration.labels(source).observe(seconds)
+
+    def on_eviction(self, tier: Tier, reason: str) -> None:
+        self.evictions.labels(tier, reason).inc()
+
+    def on_load_failure(self, reason: str) -> None:
+        self.load_failures.labels(reason).inc()
+
+    def on_queue_depth(self, depth: int) -> None:
+        pass  # read from the engine at scrape time (see EngineCollector)
+
+    def on_token(self, request_id: str, adapter: str, inter_token_s: float | None) -> None:
+        if inter_token_s is not None:
+            self.inter_token.observe(inter_token_s)
+
+
+class EngineCollector(Collector):
+    """Gauges computed at scrape time: cache residency per tier, queue depth, memory."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        adapters = GaugeMetricFamily(
+            "loraswap_adapter_cache_resident_adapters", "Adapters resident per tier", labels=["tier"]
+        )
+        size = GaugeMetricFamily(
+            "loraswap_adapter_cache_resident_bytes", "Adapter bytes per tier", labels=["tier"]
+        )
+        statuses = self.engine.list_adapters()
+        for tier in TIERS:
+            resident = [s for s in statuses if tier in s.tiers]
+            adapters.add_metric([tier], len(resident))
+            size.add_metric([tier], sum(s.size_bytes for s in resident))
+        pinned = GaugeMetricFamily("loraswap_adapter_cache_pinned_adapters", "Pinned adapters")
+        pinned.add_metric([], sum(s.pinned for s in statuses))
+        queue = GaugeMetricFamily("loraswap_queue_depth", "Requests waiting for admission")
+        queue.add_metric([], self.engine.queue_depth())
+        yield from (adapters, size, pinned, queue, *memory_metrics(self.engine.info().device))
+
+
+def memory_metrics(device: str) -> list[GaugeMetricFamily]:
+    """Host RSS always; device memory on CUDA (via :mod:`loraswap.server.device`); utilization with NVML."""
+    from loraswap.server import device as dev
+
+    rss = GaugeMetricFamily("loraswap_host_memory_rss_bytes", "Resident set size of the server process")
+    rss.add_metric([], dev.host_rss_bytes())
+    out = [rss]
+    if device.startswith("cuda"):
+        import torch
+
+        used_total = dev.device_memory(torch.device(device))
+        if used_total is not None:
+            used = GaugeMetricFamily(
+                "loraswap_device_memory_used_bytes", "Device memory in use", labels=["device"]
+            )
+            total = GaugeMetricFamily(
+                "loraswap_device_memory_total_bytes", "Device memory", labels=["device"]
+            )
+            used.add_metric([device], used_total[0])
+            total.add_metric([device], used_total[1])
+            out += [used, total]
+        if (util := _nvml_utilization(torch.device(device).index or 0)) is not None:
+            gauge = GaugeMetricFamily(
+                "loraswap_device_utilization_ratio", "GPU busy ratio (NVML)", labels=["device"]
+            )
+            gauge.add_metric([device], util)
+            out.append(gauge)
+    return out
+
+
+def _nvml_utilization(index: int) -> float | None:
+    try:
+        import pynvml  # optional
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetUtilizationRates(pynvml.nvmlDeviceGetHandleByIndex(index)).gpu / 100.0
+    except Exception:  # NVML absent or failing: no utilization metric
+        return None

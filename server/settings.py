@@ -1,0 +1,232 @@
+"""``loraswap serve`` configuration: one dataclass, read from flags > LORASWAP_* env > YAML > defaults.
+
+Every field of :class:`ServeSettings` and of the embedded :class:`EngineConfig` is one flag
+(``--max-new-tokens``), one environment variable (``LORASWAP_MAX_NEW_TOKENS``) and one YAML key
+(serve fields at the top level, engine fields at the top level or under ``engine:``). The help text of
+each flag is the field's entry in the class docstring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loraswap.errors import InvalidArgumentError
+from loraswap.server.config import EngineConfig
+
+ENV_PREFIX = "LORASWAP_"
+
+
+@dataclass
+class ServeSettings:
+    """Everything ``loraswap serve`` needs: the engine, the gRPC listener, limits, security, metrics.
+
+    Attributes:
+        engine: The engine's configuration (base model, registry, precision, capacities).
+        host: Address the gRPC server binds to.
+        port: gRPC port (0 picks a free one; the chosen port is logged).
+        metrics_host: Address the Prometheus HTTP endpoint binds to.
+        metrics_port: Port of the Prometheus HTTP endpoint (/metrics); -1 disables it, 0 picks a free one.
+        metrics_adapters: Adapter names that get their own metric label; all others are counted as ``other``.
+        max_message_bytes: Largest gRPC message accepted or sent, in bytes.
+        max_concurrent_rpcs: RPCs in progress at once (streams included); past it new calls get
+            RESOURCE_EXHAUSTED.
+        max_prompt_chars: Longest prompt accepted, in characters (chat: all message contents together).
+        max_new_tokens: Largest ``max_new_tokens`` a request may ask for.
+        default_max_new_tokens: ``max_new_tokens`` of a request that leaves it at 0.
+        grace_seconds: On SIGTERM, how long in-flight requests may run before they are cancelled.
+        tls_cert: PEM server certificate chain; with ``tls_key``, serve TLS only.
+        tls_key: PEM private key of ``tls_cert``.
+        tls_client_ca: PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS).
+        inference_tokens: Bearer tokens accepted by ``Inference`` (comma-separated in env/flags).
+            When neither token list is set, calls are not authenticated.
+        admin_tokens: Bearer tokens accepted by ``Admin`` (and by ``Inference``); an inference token
+            is refused on ``Admin`` with PERMISSION_DENIED.
+    """
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9090
+    metrics_adapters: tuple[str, ...] = ()
+    max_message_bytes: int = 4 << 20
+    max_concurrent_rpcs: int = 256
+    max_prompt_chars: int = 32_768
+    max_new_tokens: int = 1024
+    default_max_new_tokens: int = 128
+    grace_seconds: float = 30.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    inference_tokens: tuple[str, ...] = ()
+    admin_tokens: tuple[str, ...] = ()
+
+    def problems(self) -> list[str]:
+        """Every invalid field (engine fields included), as readable messages."""
+        out = [f"engine: {p}" for p in self.engine.problems()]
+        for name in ("max_message_bytes", "max_concurrent_rpcs", "max_prompt_chars", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                out.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.default_max_new_tokens <= self.max_new_tokens:
+            out.append(
+                f"default_max_new_tokens must be in [1, max_new_tokens], got {self.default_max_new_tokens}"
+            )
+        if not 0 <= self.port <= 65535 or not -1 <= self.metrics_port <= 65535:
+            out.append("port must be in [0, 65535] and metrics_port in [-1, 65535]")
+        if self.grace_seconds < 0:
+            out.append(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            out.append("tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            out.append("tls_client_ca needs tls_cert and tls_key")
+        out += [f"{n}: file {p} not found" for n, p in self._tls_files() if not Path(p).is_file()]
+        return out
+
+    def _tls_files(self) -> list[tuple[str, str]]:
+        return [(n, getattr(self, n)) for n in ("tls_cert", "tls_key", "tls_client_ca") if getattr(self, n)]
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.inference_tokens or self.admin_tokens)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name → its text in the Google-style ``Attributes:`` section of ``cls.__doc__``."""
+    docs: dict[str, str] = {}
+    section = (cls.__doc__ or "").split("Attributes:", 1)[-1]
+    for name, text in re.findall(r"^\s{8}(\w+): (.*?)(?=^\s{8}\w+: |\Z)", section, re.MULTILINE | re.DOTALL):
+        docs[name] = " ".join(text.split())
+    return docs
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    """Name → resolved type hint of every dataclass field of ``cls``."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+SERVE_FIELDS = {k: v for k, v in _fields(ServeSettings).items() if k != "engine"}
+ENGINE_FIELDS = _fields(EngineConfig)
+assert not SERVE_FIELDS.keys() & ENGINE_FIELDS.keys(), "serve and engine fields must not share names"
+
+
+def coerce(name: str, value: Any, hint: Any) -> Any:
+    """Convert a flag/env/YAML value to the field's type; raise InvalidArgumentError when it does not fit."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    if optional:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+            return None
+        hint = args[0]
+    try:
+        if typing.get_origin(hint) is tuple:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(i).strip() for i in items if str(i).strip())
+        if hint is bool:
+            if isinstance(value, str):
+                if value.strip().lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if hint is int and isinstance(value, float | bool):
+            raise ValueError(value)
+        return hint(value)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(
+            f"{name}: cannot read {value!r} as {getattr(hint, '__name__', hint)}"
+        ) from None
+
+
+def _from_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise InvalidArgumentError(f"config file {path}: expected a mapping at the top level")
+    engine = data.pop("engine", None) or {}
+    if not isinstance(engine, dict):
+        raise InvalidArgumentError(f"config file {path}: 'engine' must be a mapping")
+    unknown = sorted((data.keys() | engine.keys()) - SERVE_FIELDS.keys() - ENGINE_FIELDS.keys())
+    if unknown or engine.keys() & SERVE_FIELDS.keys():
+        raise InvalidArgumentError(f"config file {path}: unknown keys", unknown or sorted(engine))
+    return {**data, **engine}
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    names = SERVE_FIELDS.keys() | ENGINE_FIELDS.keys()
+    return {n: env[ENV_PREFIX + n.upper()] for n in names if ENV_PREFIX + n.upper() in env}
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    config_file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> ServeSettings:
+    """Merge the sources (flags > env > YAML > defaults), check them, and return the settings.
+
+    Args:
+        flags: Field name → value given on the command line (absent or None = not given).
+        config_file: Optional YAML file.
+        env: Environment (default ``os.environ``); ``LORASWAP_<FIELD>`` variables are read.
+
+    Raises:
+        InvalidArgumentError: listing every unreadable or invalid value.
+    """
+    merged: dict[str, Any] = _from_yaml(config_file) if config_file else {}
+    merged.update(_from_env(os.environ if env is None else env))
+    merged.update({k: v for k, v in (flags or {}).items() if v is not None})
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, value in merged.items():
+        hint = SERVE_FIELDS.get(name) or ENGINE_FIELDS.get(name)
+        if hint is None:
+            problems.append(f"unknown setting {name!r}")
+            continue
+        try:
+            values[name] = coerce(name, value, hint)
+        except InvalidArgumentError as exc:
+            problems.append(str(exc))
+    engine = EngineConfig(**{k: v for k, v in values.items() if k in ENGINE_FIELDS})
+    settings = ServeSettings(engine=engine, **{k: v for k, v in values.items() if k in SERVE_FIELDS})
+    problems += settings.problems()
+    if problems:
+        raise InvalidArgumentError("invalid serve settings", problems)
+    return settings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field (serve and engine), defaulting to None so that unset flags fall through."""
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML file of settings (flags and env take precedence)"
+    )
+    for title, cls, fields in (
+        ("serve", ServeSettings, SERVE_FIELDS),
+        ("engine", EngineConfig, ENGINE_FIELDS),
+    ):
+        group = parser.add_argument_group(f"{title} settings (env LORASWAP_<NAME>, YAML key <name>)")
+        docs = field_docs(cls)
+        defaults = {f.name: _default(f) for f in dataclasses.fields(cls)}
+        for name in fields:
+            help_text = f"{docs.get(name, '')} [default: {defaults[name]!r}]".replace("%", "%%")
+            group.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text)
+
+
+def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The field values given on the command line."""
+    names = SERVE_FIELDS.keys() | ENGINE_FIELDS.keys()
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
