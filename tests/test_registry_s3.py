@@ -1,0 +1,207 @@
+"""The registry on the S3 backend, against a real S3 API server (moto's server mode on 127.0.0.1).
+
+moto 5.2 honours ``If-None-Match: *`` and ``If-Match`` on PutObject/DeleteObject, but checks the
+condition and writes without a lock, so two truly simultaneous conditional writes can both pass there:
+the conflict tests interleave writers deterministically instead of counting on its atomicity.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+
+from loraswap import paths
+from loraswap.errors import ConflictError, IntegrityError, NotFoundError
+from loraswap.registry import Registry, open_registry, open_store
+from loraswap.registry import s3_store as s3_module
+from loraswap.registry.s3_store import S3Store
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server on a free local port for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket; the environment points loraswap (and boto3) at the local server."""
+    monkeypatch.setenv("LORASWAP_S3_ENDPOINT", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    name = f"reg-{uuid.uuid4().hex[:12]}"
+    _client(s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+def _client(endpoint: str):
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+
+
+def _store(bucket: str, conditional: bool | None = None, **kwargs) -> S3Store:
+    return S3Store(bucket, "reg", conditional=conditional, settle_seconds=0.01, **kwargs)
+
+
+def _ignoring_client(endpoint: str):
+    """A client whose conditional headers never reach the server: a store that ignores them."""
+    client = _client(endpoint)
+
+    def strip(request, **_kwargs) -> None:
+        for header in ("If-None-Match", "If-Match"):
+            if header in request.headers:
+                del request.headers[header]
+
+    client.meta.events.register("before-sign.s3", strip)
+    return client
+
+
+def test_probe_detects_conditional_writes(bucket: str, s3_endpoint: str) -> None:
+    assert _store(bucket).conditional is True  # moto 5 honours If-None-Match / If-Match
+    assert _store(bucket, client=_ignoring_client(s3_endpoint)).conditional is False
+    assert open_store(f"s3://{bucket}/reg?conditional=false").conditional is False
+
+
+def test_missing_bucket(bucket: str) -> None:
+    with pytest.raises(NotFoundError):
+        open_registry("s3://no-such-bucket-here/x")
+
+
+@pytest.mark.parametrize("conditional", [True, False])
+def test_round_trip_digest_and_verify(
+    bucket: str, s3_endpoint: str, make_adapter, tmp_path, conditional
+) -> None:
+    reg = Registry(_store(bucket, conditional))
+    adapter = make_adapter()
+    manifest = reg.push(adapter, "bot", tags=["prod"])
+    assert reg.push(adapter, "bot").digest == manifest.digest
+    local = open_registry(tmp_path / "local").push(adapter, "bot")
+    assert local.digest == manifest.digest  # same content, same digest on every backend
+    assert _files(reg.pull("bot:prod", tmp_path / "out")) == _files(adapter)
+    assert reg.verify() == []
+    weights = next(f for f in manifest.files if f.path == "adapter_model.safetensors")
+    key = "reg/blobs/sha256/" + weights.digest.split(":")[1]
+    data = bytearray(adapter.joinpath(weights.path).read_bytes())
+    data[100] ^= 0x01
+    _client(s3_endpoint).put_object(Bucket=bucket, Key=key, Body=bytes(data))
+    assert any(f"blob {weights.digest} is corrupt" in p for p in reg.verify())
+    shutil.rmtree(paths.adapter_cache_dir())  # the verified cache would still serve the old pull
+    with pytest.raises(IntegrityError):
+        reg.pull(f"bot@{manifest.digest}", tmp_path / "again")
+
+
+@pytest.mark.parametrize("conditional", [True, False])
+def test_stale_cas_raises_conflict(bucket: str, conditional: bool) -> None:
+    store = _store(bucket, conditional)
+    etag = store.compare_and_swap("t", b"a", None)
+    assert store.read("t") == (b"a", etag)
+    store.compare_and_swap("t", b"b", etag)  # another writer wins
+    for expected in (etag, None):
+        with pytest.raises(ConflictError):
+            store.compare_and_swap("t", b"c", expected)
+    with pytest.raises(ConflictError):
+        store.delete("t", expected=etag)
+    assert store.get("t") == b"b"
+    assert store.put_if_absent("t", b"d") is False and store.put_if_absent("u", b"d") is True
+
+
+def test_fallback_read_back_sees_the_other_writer(bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fallback mode: a writer that overwrites ours inside the settle window makes our CAS fail."""
+    store = _store(bucket, conditional=False)
+    etag = store.compare_and_swap("tag", b"v0", None)
+    other = _store(bucket, conditional=False)
+
+    def other_writer_meanwhile(_seconds: float) -> None:
+        other.put("tag", b"theirs")
+
+    monkeypatch.setattr(s3_module.time, "sleep", other_writer_meanwhile)
+    with pytest.raises(ConflictError, match="another writer"):
+        store.compare_and_swap("tag", b"ours", etag)
+    monkeypatch.undo()
+    assert store.get("tag") == b"theirs"
+
+
+class _CrashBeforeManifest(S3Store):
+    def put_if_absent(self, key, data, progress=None):
+        if "/manifests/" in key:
+            raise RuntimeError("killed")
+        return super().put_if_absent(key, data, progress)
+
+
+def test_killed_push_leaves_no_version(bucket: str, make_adapter) -> None:
+    v1 = Registry(_store(bucket)).push(make_adapter(), "bot", tags=["prod"])
+    with pytest.raises(RuntimeError):
+        Registry(_CrashBeforeManifest(bucket, "reg")).push(make_adapter(seed=2), "bot", tags=["prod"])
+    reg = Registry(_store(bucket))
+    assert [e.manifest.digest for e in reg.list("bot")] == [v1.digest]
+    assert reg.resolve("bot:prod").digest == reg.resolve("bot").digest == v1.digest
+    assert reg.gc(grace_seconds=3600).kept_young == 1
+    assert len(reg.gc(grace_seconds=0).removed) == 1
+    assert reg.verify() == []
+
+
+def test_concurrent_pushes_to_one_tag(bucket: str, make_adapter) -> None:
+    adapters = [make_adapter(seed=1), make_adapter(seed=2)]
+    barrier = threading.Barrier(2)
+    results = []
+
+    def push(folder: Path) -> None:
+        reg = Registry(_store(bucket, conditional=True), tag_retries=20)
+        barrier.wait()
+        results.append(reg.push(folder, "bot", tags=["prod"]))
+
+    threads = [threading.Thread(target=push, args=(a,)) for a in adapters]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    reg = Registry(_store(bucket))
+    digests = {m.digest for m in results}
+    assert len(digests) == 2
+    assert {e.manifest.digest for e in reg.list("bot")} == digests
+    assert reg.resolve("bot:prod").digest in digests and reg.resolve("bot").digest in digests
+    assert reg.verify() == []
+
+
+def test_rm_gc_and_touch(bucket: str, make_adapter) -> None:
+    reg = Registry(_store(bucket))
+    reg.push(make_adapter(), "bot", tags=["prod"])
+    old = reg.push(make_adapter(seed=2), "bot")
+    with pytest.raises(ConflictError):
+        reg.rm(f"bot@{old.digest}")
+    reg.rm(f"bot@{old.digest}", force=True)
+    assert reg.gc(grace_seconds=3600).removed == []
+    report = reg.gc(grace_seconds=0)
+    assert len(report.removed) == 1 and reg.verify() == []
+    before = reg.store.stat("blobs/sha256/" + old.files[0].digest.split(":")[1])
+    reg.store.touch("blobs/sha256/" + old.files[0].digest.split(":")[1])
+    after = reg.store.stat("blobs/sha256/" + old.files[0].digest.split(":")[1])
+    assert before and after and after.modified >= before.modified
+    assert _files(reg.pull("bot:prod")) == _files(make_adapter())
