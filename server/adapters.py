@@ -15,14 +15,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+
+from loraswap import paths
+from loraswap.errors import LoraswapError, NotFoundError
 from loraswap.server.adapter_weights import BaseShape, HostAdapter, read_host_adapter
 from loraswap.server.api import AdapterStatus, EngineObserver, Tier
 from loraswap.server.host_cache import HostCache
 from loraswap.server.lora_layer import BatchedLoraLinear
 from loraswap.server.slots import SlotTable
-
-from loraswap import paths
-from loraswap.errors import LoraswapError, NotFoundError
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,15 @@ import time
 from collections import deque
 
 import torch
+
+from loraswap.errors import (
+    CancelledError,
+    DeadlineExceededError,
+    DrainingError,
+    InvalidArgumentError,
+    OverloadedError,
+)
+from loraswap.models import base_fingerprint, resolve_base
 from loraswap.server.adapter_weights import BaseShape
 from loraswap.server.adapters import AdapterManager
 from loraswap.server.api import (
@@ -36,15 +45,6 @@ from loraswap.server.lora_layer import install_lora_layers
 from loraswap.server.model_loader import default_quantization, load_base
 from loraswap.server.request import RequestHandle, RequestState
 from loraswap.server.sampling import make_generator, sample_token
-
-from loraswap.errors import (
-    CancelledError,
-    DeadlineExceededError,
-    DrainingError,
-    InvalidArgumentError,
-    OverloadedError,
-)
-from loraswap.models import base_fingerprint, resolve_base
 
 log = logging.getLogger(__name__)
 

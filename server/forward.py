@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from loraswap.server.kv_cache import KVCache
 from loraswap.server.lora_layer import LoraContext
-from torch import nn
 
 
 @dataclass

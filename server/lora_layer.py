@@ -12,10 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from loraswap.server.lora_ops import lora_bgmv, lora_reference, lora_sgmv, segments
 from torch import nn
 
 from loraswap.adapter_format import SUPPORTED_TARGETS
+from loraswap.server.lora_ops import lora_bgmv, lora_reference, lora_sgmv, segments
 
 
 @dataclass

@@ -9,11 +9,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
+
+from loraswap.errors import CancelledError, LoraswapError
 from loraswap.server.adapter_weights import HostAdapter
 from loraswap.server.api import FinishReason, GenerationRequest, GenerationResult, Timings, TokenEvent, now
 from loraswap.server.detok import TextStream
-
-from loraswap.errors import CancelledError, LoraswapError
 
 _END = object()
 
