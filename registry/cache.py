@@ -12,12 +12,11 @@ import shutil
 import uuid
 from pathlib import Path
 
+from loraswap import paths
+from loraswap.errors import IntegrityError
 from loraswap.registry.layout import blob_key
 from loraswap.registry.manifest import Manifest
 from loraswap.registry.store import ObjectStore, Progress
-
-from loraswap import paths
-from loraswap.errors import IntegrityError
 
 CHUNK = 1 << 20
 

@@ -15,9 +15,8 @@ import json
 import time
 import uuid
 
-from loraswap.registry.names import NAME_RE, TAG_RE, check_name, check_tag, digest_hex
-
 from loraswap.errors import IntegrityError
+from loraswap.registry.names import NAME_RE, TAG_RE, check_name, check_tag, digest_hex
 
 BLOBS = "blobs/sha256/"
 ADAPTERS = "adapters/"

@@ -22,9 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from loraswap.registry.store import ObjectInfo, ObjectStore, Progress, check_key
-
 from loraswap.errors import ConflictError, NotFoundError
+from loraswap.registry.store import ObjectInfo, ObjectStore, Progress, check_key
 
 _CHUNK = 1 << 20
 

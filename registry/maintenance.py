@@ -11,12 +11,11 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 
+from loraswap.errors import IntegrityError, NotFoundError
 from loraswap.registry.cache import CHUNK
 from loraswap.registry.layout import ADAPTERS, BLOBS, blob_key, manifest_key, split_adapter_key, tag_target
 from loraswap.registry.manifest import Manifest
 from loraswap.registry.store import ObjectStore
-
-from loraswap.errors import IntegrityError, NotFoundError
 
 DEFAULT_GC_GRACE_SECONDS = 3600.0
 

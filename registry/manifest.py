@@ -15,10 +15,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from loraswap.errors import IntegrityError
 from loraswap.registry.names import DIGEST_RE
 from loraswap.registry.validate import ALLOWED_FILES
-
-from loraswap.errors import IntegrityError
 
 SCHEMA_VERSION = 1
 MEDIA_TYPE = "application/vnd.loraswap.adapter.manifest.v1+json"

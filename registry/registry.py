@@ -14,6 +14,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraswap import paths
+from loraswap.errors import AdapterValidationError, ConflictError, NotFoundError
+from loraswap.models import BaseModelRef, base_fingerprint
 from loraswap.registry import layout
 from loraswap.registry.cache import cached_version, file_digest
 from loraswap.registry.maintenance import (
@@ -26,10 +29,6 @@ from loraswap.registry.manifest import FileEntry, Manifest
 from loraswap.registry.names import LATEST, check_name, check_tag, name_problem, parse_ref, tag_problem
 from loraswap.registry.store import ObjectStore, Progress, open_store
 from loraswap.registry.validate import DEFAULT_MAX_BYTES, AdapterSummary, validate_adapter_dir
-
-from loraswap import paths
-from loraswap.errors import AdapterValidationError, ConflictError, NotFoundError
-from loraswap.models import BaseModelRef, base_fingerprint
 
 REGISTRY_ENV = "LORASWAP_REGISTRY"
 MAX_BYTES_ENV = "LORASWAP_MAX_ADAPTER_BYTES"

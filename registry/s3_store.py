@@ -3,8 +3,8 @@
 Endpoint: ``$LORASWAP_S3_ENDPOINT`` or ``$AWS_ENDPOINT_URL`` (none: AWS); credentials and region: the
 standard AWS variables / config files.
 
-Compare-and-swap has two modes, chosen by a probe when the store is opened (or forced with
-``conditional=``):
+Compare-and-swap has two modes, chosen by a probe before the first conditional write (so a read-only
+client never writes), or forced with ``conditional=`` / ``?conditional=false`` in the URL:
 
 * **conditional** (AWS S3, MinIO, moto ≥ 5): ``put_object(IfNoneMatch="*")`` creates only if absent and
   ``put_object(IfMatch=etag)`` / ``delete_object(IfMatch=etag)`` replace only the version that was read;
@@ -32,9 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from loraswap.registry.store import ObjectInfo, ObjectStore, Progress, check_key
-
 from loraswap.errors import ConflictError, LoraswapError, NotFoundError
+from loraswap.registry.store import ObjectInfo, ObjectStore, Progress, check_key
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +81,16 @@ class S3Store(ObjectStore):
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self.settle_seconds = settle_seconds
         self._call("head_bucket", Bucket=bucket)
-        self.conditional = self._probe() if conditional is None else conditional
-        if not self.conditional:
-            log.warning("%s: conditional writes not honoured; tag updates use read-back checks", self.url)
+        self._conditional = conditional
+
+    @property
+    def conditional(self) -> bool:
+        """Whether conditional writes are used (probed before the first write that needs them)."""
+        if self._conditional is None:
+            self._conditional = self._probe()
+            if not self._conditional:
+                log.warning("%s: conditional writes not honoured; tags use read-back checks", self.url)
+        return self._conditional
 
     def _full(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -217,6 +223,21 @@ class S3Store(ObjectStore):
         if head is None:
             return None
         return ObjectInfo(key, int(head["ContentLength"]), head["LastModified"].timestamp())
+
+    def remove_stale_temp(self, older_than: float) -> int:
+        """Abort multipart uploads (of killed pushes) started before ``older_than``."""
+        response = self._call("list_multipart_uploads", Bucket=self.bucket, Prefix=self._full(""))
+        aborted = 0
+        for upload in response.get("Uploads", []):
+            if upload["Initiated"].timestamp() < older_than:
+                self._call(
+                    "abort_multipart_upload",
+                    Bucket=self.bucket,
+                    Key=upload["Key"],
+                    UploadId=upload["UploadId"],
+                )
+                aborted += 1
+        return aborted
 
     def touch(self, key: str) -> None:
         full = self._full(check_key(key))

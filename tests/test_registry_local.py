@@ -313,3 +313,12 @@ def test_store_keys_cannot_escape(root: Path) -> None:
     for key in ("../x", "a/../../x", "/abs", "a//b", ".tmp/x", "a\\b"):
         with pytest.raises(InvalidArgumentError):
             store.put(key, b"x")
+
+
+def test_any_peft_adapter_round_trips(reg: Registry, make_adapter, tiny_base: Path, tmp_path: Path) -> None:
+    """All seven supported projections, rsLoRA, another rank: pushed and pulled unchanged."""
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    adapter = make_adapter(r=4, alpha=8.0, target_modules=targets, use_rslora=True)
+    manifest = reg.push(adapter, "all-linear", base=resolve_base(tiny_base))
+    assert manifest.target_modules == tuple(sorted(targets)) and manifest.use_rslora and manifest.rank == 4
+    assert _files(reg.pull("all-linear", tmp_path / "out")) == _files(adapter)

@@ -8,9 +8,11 @@ the conflict tests interleave writers deterministically instead of counting on i
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -205,3 +207,17 @@ def test_rm_gc_and_touch(bucket: str, make_adapter) -> None:
     after = reg.store.stat("blobs/sha256/" + old.files[0].digest.split(":")[1])
     assert before and after and after.modified >= before.modified
     assert _files(reg.pull("bot:prod")) == _files(make_adapter())
+
+
+def test_large_blob_multipart_and_stale_upload_cleanup(bucket: str, tmp_path: Path) -> None:
+    store = _store(bucket)
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(9 * 1024 * 1024))  # over boto3's 8 MiB multipart threshold
+    seen = []
+    assert store.put_if_absent("blobs/sha256/" + "a" * 64, big, seen.append) is True
+    assert sum(seen) == big.stat().st_size
+    assert store.get("blobs/sha256/" + "a" * 64) == big.read_bytes()
+    store.client.create_multipart_upload(Bucket=bucket, Key="reg/blobs/sha256/" + "b" * 64)
+    # moto reports a fixed 2010 'Initiated' time, so only the removal of an old upload is testable here
+    assert store.remove_stale_temp(time.time()) == 1
+    assert store.remove_stale_temp(time.time()) == 0
