@@ -36,7 +36,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--adapter", default="", help="adapter reference: name, name:tag or name@sha256:… (empty = base)"
     )
     gen.add_argument("--chat", action="store_true", help="send the prompt as one user chat message")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--max-new-tokens", type=int, default=0, help="0 = the server's default")
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)

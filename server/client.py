@@ -66,6 +66,7 @@ def build_request(
     sampling: SamplingParams | None,
     request_id: str,
 ) -> Any:
+    """The GenerateRequest; without ``sampling``, ``max_new_tokens`` is left to the server's default."""
     req = GenerationRequest(
         adapter=adapter,
         prompt=prompt,
@@ -73,7 +74,10 @@ def build_request(
         sampling=sampling or SamplingParams(),
         request_id=request_id,
     )
-    return convert.request_to_pb(req)
+    pb = convert.request_to_pb(req)
+    if sampling is None:
+        pb.max_new_tokens = 0
+    return pb
 
 
 def channel_credentials(
