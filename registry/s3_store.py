@@ -80,6 +80,7 @@ class S3Store(ObjectStore):
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self.settle_seconds = settle_seconds
+        self.page_size = 1000  # keys per LIST request
         self._call("head_bucket", Bucket=bucket)
         self._conditional = conditional
 
@@ -210,13 +211,17 @@ class S3Store(ObjectStore):
             return
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        paginator = self.client.get_paginator("list_objects_v2")
         start = len(self.prefix) + 1 if self.prefix else 0
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._full(prefix)):
+        request = {"Bucket": self.bucket, "Prefix": self._full(prefix), "MaxKeys": self.page_size}
+        while True:
+            page = self._call("list_objects_v2", **request)
             for item in page.get("Contents", []):
                 key = item["Key"][start:]
                 if not any(part.startswith(".") for part in key.split("/")):
                     yield ObjectInfo(key, int(item["Size"]), item["LastModified"].timestamp())
+            if not page.get("IsTruncated"):
+                return
+            request["ContinuationToken"] = page["NextContinuationToken"]
 
     def stat(self, key: str) -> ObjectInfo | None:
         head = self._head(key)

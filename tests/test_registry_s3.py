@@ -221,3 +221,11 @@ def test_large_blob_multipart_and_stale_upload_cleanup(bucket: str, tmp_path: Pa
     # moto reports a fixed 2010 'Initiated' time, so only the removal of an old upload is testable here
     assert store.remove_stale_temp(time.time()) == 1
     assert store.remove_stale_temp(time.time()) == 0
+
+
+def test_listing_follows_pages(bucket: str) -> None:
+    store = _store(bucket)
+    store.page_size = 2
+    for index in range(5):
+        store.put(f"adapters/a/tags/t{index}", b"x")
+    assert [info.key for info in store.list("adapters/")] == [f"adapters/a/tags/t{i}" for i in range(5)]
