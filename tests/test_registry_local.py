@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -322,3 +324,53 @@ def test_any_peft_adapter_round_trips(reg: Registry, make_adapter, tiny_base: Pa
     manifest = reg.push(adapter, "all-linear", base=resolve_base(tiny_base))
     assert manifest.target_modules == tuple(sorted(targets)) and manifest.use_rslora and manifest.rank == 4
     assert _files(reg.pull("all-linear", tmp_path / "out")) == _files(adapter)
+
+
+def _increment(root: str, times: int) -> None:
+    store = LocalStore(Path(root))
+    for _ in range(times):
+        while True:
+            data, etag = store.read("counter")
+            try:
+                store.compare_and_swap("counter", str(int(data) + 1).encode(), etag)
+                break
+            except ConflictError:
+                continue
+
+
+def test_cas_across_processes(root: Path) -> None:
+    """The flock-based compare-and-swap also holds between processes."""
+    LocalStore(root).compare_and_swap("counter", b"0", None)
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_increment, args=(str(root), 20)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert [w.exitcode for w in workers] == [0, 0, 0, 0]
+    assert LocalStore(root).get("counter") == b"80"
+
+
+class _KillBeforeManifest(LocalStore):
+    def put_if_absent(self, key, data, progress=None):
+        if "/manifests/" in key:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().put_if_absent(key, data, progress)
+
+
+def _push_and_die(root: str, folder: str) -> None:
+    Registry(_KillBeforeManifest(Path(root))).push(Path(folder), "bot", tags=["prod"])
+
+
+def test_push_process_killed_halfway(root: Path, make_adapter) -> None:
+    v1 = Registry(LocalStore(root)).push(make_adapter(), "bot", tags=["prod"])
+    worker = multiprocessing.get_context("fork").Process(
+        target=_push_and_die, args=(str(root), str(make_adapter(seed=2)))
+    )
+    worker.start()
+    worker.join(timeout=60)
+    assert worker.exitcode == -signal.SIGKILL
+    reg = Registry(LocalStore(root))
+    assert [e.manifest.digest for e in reg.list("bot")] == [v1.digest]
+    assert reg.resolve("bot:prod").digest == reg.resolve("bot").digest == v1.digest
+    assert reg.verify() == []
