@@ -67,8 +67,10 @@ def cached_version(store: ObjectStore, manifest: Manifest, progress: Progress | 
     try:
         for entry in manifest.files:
             download_blob(store, entry.digest, temp / entry.path, progress)
-        if final.exists():  # corrupt or partial entry
-            shutil.rmtree(final, ignore_errors=True)
+        if final.exists():
+            if not folder_problems(final, manifest):  # another puller put a good copy in place meanwhile
+                return final
+            shutil.rmtree(final, ignore_errors=True)  # corrupt or partial entry
         try:
             temp.rename(final)
         except OSError:  # another puller put it in place first
