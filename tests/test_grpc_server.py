@@ -505,3 +505,88 @@ def test_drain_finishes_in_flight_and_refuses_new(tiny_base: Path, registry_root
         stopper.join(timeout=20)
     assert rest[-1].result is not None and rest[-1].result.completion_tokens == 40
     assert "".join(e.text for e in [first, *rest]) == rest[-1].result.text
+
+
+# --- metrics -----------------------------------------------------------------------------------------
+
+
+def scrape(stack: Stack) -> tuple[str, dict[tuple[str, frozenset], float]]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(stack.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    values = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    return text, values
+
+
+def total(values: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, ls), v in values.items() if n == name and want <= ls)
+
+
+def test_metrics_move_on_cold_and_warm_requests(
+    stack: Stack, client: Client, registry_root: Path, tiny_base: Path, make_adapter
+) -> None:
+    open_registry(registry_root).push(make_adapter(r=4, seed=29), "fresh", base=resolve_base(tiny_base))
+    client.generate("hi", adapter="a1", sampling=greedy(1))  # a1 warm
+    _, before = scrape(stack)
+    client.generate("hi", adapter="fresh", sampling=greedy(3, ignore_eos=True))
+    _, cold = scrape(stack)
+    client.generate("hi", adapter="fresh", sampling=greedy(3, ignore_eos=True))
+    client.generate("hi", adapter="a1", sampling=greedy(3, ignore_eos=True))
+    text, warm = scrape(stack)
+
+    def delta(a: dict, b: dict, name: str, **labels: str) -> float:
+        return total(b, name, **labels) - total(a, name, **labels)
+
+    assert delta(before, cold, "loraswap_adapter_loads_total") == 1
+    assert delta(before, cold, "loraswap_adapter_load_duration_seconds_count") == 1
+    assert delta(before, cold, "loraswap_adapter_cache_lookups_total", tier="device") == 1
+    assert delta(before, cold, "loraswap_adapter_cache_hits_total", tier="device") == 0  # a miss
+    assert delta(cold, warm, "loraswap_adapter_loads_total") == 0
+    assert delta(cold, warm, "loraswap_adapter_cache_hits_total", tier="device") == 2  # warm: hits
+    ok = {"method": "/loraswap.v1.Inference/Generate", "code": "OK"}
+    assert delta(before, warm, "loraswap_requests_total", **ok) == 3
+    assert (
+        delta(before, warm, "loraswap_generated_tokens_total", adapter="other") == 6
+    )  # "fresh" is untracked
+    assert delta(before, warm, "loraswap_generated_tokens_total", adapter="a1") == 3
+    assert delta(before, warm, "loraswap_request_duration_seconds_count") == 3
+    assert delta(before, warm, "loraswap_batch_size_count") >= 9
+    assert total(warm, "loraswap_adapter_cache_resident_adapters", tier="device") >= 1
+    assert total(warm, "loraswap_adapter_cache_resident_bytes", tier="host") > 0
+    assert total(warm, "loraswap_host_memory_rss_bytes") > 0
+    assert total(warm, "loraswap_build_info", slots="4", max_rank="16", quantization="fp32") == 1
+    adapter_labels = {dict(ls).get("adapter") for (n, ls) in warm if n.startswith("loraswap_")} - {None}
+    assert adapter_labels <= {"a1", "other", "base"}
+    check_metric_names(text)
+
+
+def check_metric_names(text: str) -> None:
+    """Naming rules: loraswap_ prefix, counters end in _total, durations in _seconds, sizes in _bytes;
+    and promtool's linter, when installed."""
+    import re
+    import shutil
+    import subprocess
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        if family.name.endswith("_created"):
+            continue  # creation timestamps that prometheus_client adds to counters and histograms
+        assert re.fullmatch(r"loraswap_[a-z][a-z0-9_]*", family.name), family.name
+        if family.type == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in family.samples), family.name
+        if any(w in family.name for w in ("duration", "latency", "time_")):
+            assert family.name.endswith("_seconds"), family.name
+        if any(w in family.name for w in ("memory", "bytes")) and "adapters" not in family.name:
+            assert family.name.endswith("_bytes"), family.name
+    if shutil.which("promtool"):
+        result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,87 @@
+"""``loraswap serve`` as a real process on the tiny model: settings from flags/env/YAML, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from loraswap.models import resolve_base
+from loraswap.registry import open_registry
+from loraswap.server.api import SamplingParams
+from loraswap.server.client import Client, ServerError
+
+pytestmark = pytest.mark.slow
+
+
+def test_serve_drains_in_flight_requests_on_sigterm(tiny_base: Path, make_adapter, tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    open_registry(registry).push(
+        make_adapter(r=4, seed=31), "bot", tags=["prod"], base=resolve_base(tiny_base)
+    )
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"port: 0\nmetrics_port: -1\nengine:\n  base: {tiny_base}\n  adapter_slots: 2\n")
+    env = {**os.environ, "LORASWAP_HOME": str(tmp_path / "home"), "LORASWAP_MAX_RANK": "8"}
+    env["LORASWAP_QUANTIZATION"] = "fp32"
+    command = [
+        sys.executable,
+        "-m",
+        "loraswap.cli",
+        "serve",
+        "--config",
+        str(config),
+        "--registry",
+        str(registry),
+    ]
+    command += ["--max-seq-len", "300", "--max-new-tokens", "250", "--grace-seconds", "30"]
+    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stderr or ():
+            lines.append(line)
+            if "serving on" in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(120), "".join(lines)
+        port = re.search(r"serving on [\d.]+:(\d+)", "".join(lines)).group(1)
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            info = client.info()
+            assert info.max_rank == 8 and info.adapter_slots == 2 and info.quantization == "fp32"
+            stream = client.stream(
+                "The quick", adapter="bot:prod", sampling=SamplingParams(250, ignore_eos=True)
+            )
+            first = next(stream)
+            proc.send_signal(signal.SIGTERM)
+            health = health_pb2_grpc.HealthStub(client.channel)
+            request = health_pb2.HealthCheckRequest()
+            deadline = time.monotonic() + 5
+            while health.Check(request, timeout=5).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+                assert time.monotonic() < deadline, "health still SERVING after SIGTERM"
+                time.sleep(0.01)
+            with pytest.raises(ServerError) as refused:
+                client.generate("hi", sampling=SamplingParams(2))
+            assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+            rest = list(stream)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    result = rest[-1].result
+    assert result is not None and result.finish_reason == "length" and result.completion_tokens == 250
+    assert first.text + "".join(e.text for e in rest) == result.text
+    log = "".join(lines)
+    assert "draining" in log and "stopped" in log
