@@ -114,20 +114,7 @@ class Registry:
         summary = self._validate(Path(folder), name, tags, base)
         with self._bar(summary.total_bytes, f"push {name}") as progress:
             files = tuple(self._upload(summary.folder / file, progress) for file in summary.files)
-        manifest = Manifest.build(
-            name=name,
-            files=files,
-            rank=summary.config.r,
-            alpha=summary.config.lora_alpha,
-            target_modules=summary.config.target_modules,
-            use_rslora=summary.config.use_rslora,
-            dtype=summary.dtype,
-            base_model_id=base.model_id if base else summary.config.base_model_name_or_path,
-            base_fingerprint=base_fingerprint(base.path) if base else None,
-            created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            description=description,
-            training=summary.training,
-        )
+        manifest = _new_manifest(name, summary, files, base, description)
         key = layout.manifest_key(name, manifest.digest)
         if not self.store.put_if_absent(key, manifest.to_bytes()):
             manifest = self._manifest(name, manifest.digest)
@@ -305,6 +292,31 @@ class Registry:
     def verify(self) -> list[str]:
         """Re-hash everything; return every problem found (empty when the store is sound)."""
         return verify_store(self.store)
+
+
+def _new_manifest(
+    name: str,
+    summary: AdapterSummary,
+    files: tuple[FileEntry, ...],
+    base: BaseModelRef | None,
+    description: str | None,
+) -> Manifest:
+    """The manifest of a validated folder whose files were stored as ``files``."""
+    config = summary.config
+    return Manifest.build(
+        name=name,
+        files=files,
+        rank=config.r,
+        alpha=config.lora_alpha,
+        target_modules=config.target_modules,
+        use_rslora=config.use_rslora,
+        dtype=summary.dtype,
+        base_model_id=base.model_id if base else config.base_model_name_or_path,
+        base_fingerprint=base_fingerprint(base.path) if base else None,
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        description=description,
+        training=summary.training,
+    )
 
 
 def open_registry(url: str | os.PathLike[str] | None = None, **options: object) -> Registry:
