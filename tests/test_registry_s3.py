@@ -229,3 +229,15 @@ def test_listing_follows_pages(bucket: str) -> None:
     for index in range(5):
         store.put(f"adapters/a/tags/t{index}", b"x")
     assert [info.key for info in store.list("adapters/")] == [f"adapters/a/tags/t{i}" for i in range(5)]
+
+
+def test_cli_against_s3(bucket: str, make_adapter, tmp_path: Path, capsys) -> None:
+    from loraswap.cli import main
+
+    url = f"s3://{bucket}/cli"
+    assert main(["registry", "--registry", url, "push", str(make_adapter()), "--name", "bot"]) == 0
+    assert main(["registry", "--registry", url, "pull", "bot", str(tmp_path / "out")]) == 0
+    assert main(["registry", "--registry", url, "verify"]) == 0
+    assert _files(tmp_path / "out") == _files(make_adapter())
+    assert main(["registry", "--registry", "s3://no-such-bucket-here", "list"]) == 1
+    assert "not found" in capsys.readouterr().err
