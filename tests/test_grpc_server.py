@@ -258,10 +258,12 @@ def test_full_queue_is_resource_exhausted(stack: Stack, client: Client) -> None:
 
 
 def test_concurrent_rpc_limit(stack: Stack, tiny_base: Path, registry_root: Path) -> None:
-    settings = serve_settings(tiny_base, registry_root, max_concurrent_rpcs=1)
+    settings = serve_settings(tiny_base, registry_root, max_concurrent_rpcs=1, max_message_bytes=1024)
     server, _, target = start_server(settings, stack.engine)
     try:
         with Client(target, timeout=30) as c:
+            with pytest.raises(errors.OverloadedError, match="message larger than max"):
+                c.generate("x" * 2000)  # over max_message_bytes
             stream = c.stream("The quick", sampling=greedy(60, ignore_eos=True))
             next(stream)  # one stream in progress
             with pytest.raises(errors.OverloadedError):

@@ -316,3 +316,9 @@ def test_serve_help_documents_every_setting(capsys: pytest.CaptureFixture[str]) 
         assert flag in out
     assert "past it new calls get RESOURCE_EXHAUSTED" in out
     assert "Adapters resident on the device at once" in out
+
+
+def test_deploy_example_config_loads() -> None:
+    example = Path(__file__).resolve().parents[1] / "deploy" / "serve.example.yaml"
+    s = load_settings(config_file=example, env={})
+    assert s.metrics_adapters == ("support-bot", "sql-helper") and s.engine.registry == "s3://adapters/prod"
