@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from loraswap.adapter_format import ADAPTER_WEIGHTS, parse_lora_key, read_adapter_config
 from loraswap.errors import AdapterValidationError, IncompatibleAdapterError
+from loraswap.registry.validate import base_compat_problems
 
 
 @dataclass
@@ -45,6 +46,10 @@ class BaseShape:
     max_rank: int
     fingerprint: str
 
+    def weight_shapes(self) -> dict[str, list[int]]:
+        """The targetable modules as base weight shapes (``name.weight`` → ``[out, in]``)."""
+        return {f"{m}.weight": [out_f, in_f] for m, (in_f, out_f) in self.modules.items()}
+
 
 def _pair_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -64,14 +69,10 @@ def _pair_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str,
 
 
 def _module_problems(module: str, a: torch.Tensor, b: torch.Tensor, rank: int, base: BaseShape) -> list[str]:
-    if module not in base.modules:
-        return [f"{module}: no such LoRA-targetable linear in the base"]
-    in_f, out_f = base.modules[module]
+    """Rank and value checks of one module (dimensions against the base: ``base_compat_problems``)."""
     problems = []
-    if tuple(a.shape) != (rank, in_f):
-        problems.append(f"{module}: lora_A is {list(a.shape)}, the base needs [{rank}, {in_f}]")
-    if tuple(b.shape) != (out_f, rank):
-        problems.append(f"{module}: lora_B is {list(b.shape)}, the base needs [{out_f}, {rank}]")
+    if a.shape[0] != rank or b.shape[-1] != rank:
+        problems.append(f"{module}: A/B ranks {a.shape[0]}/{b.shape[-1]} differ from its rank {rank}")
     if rank > base.max_rank:
         problems.append(f"{module}: rank {rank} is over the server's max rank {base.max_rank}")
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
@@ -94,9 +95,12 @@ def read_host_adapter(
         problems.append(f"{ADAPTER_WEIGHTS} is missing")
     if problems or config is None:
         raise AdapterValidationError(f"adapter {name!r} is not a valid LoRA adapter", problems)
-    pairs, problems = _pair_tensors(load_file(str(weights)))
+    tensors = load_file(str(weights))
+    pairs, problems = _pair_tensors(tensors)
     if problems:
         raise AdapterValidationError(f"adapter {name!r} has malformed weights", problems)
+    shapes = {key: list(t.shape) for key, t in tensors.items()}
+    problems = base_compat_problems(config, shapes, base.weight_shapes())
     if fingerprint and fingerprint != base.fingerprint:
         problems.append(f"it was made for base {fingerprint}, the server runs {base.fingerprint}")
     modules = {}
@@ -104,7 +108,7 @@ def read_host_adapter(
         rank = config.rank_of(module)
         found = _module_problems(module, ab["A"], ab["B"], rank, base)
         problems += found
-        if not found:
+        if not found and module in base.modules:
             scale = config.scaling_of(module)
             a = ab["A"].to(torch.float32)
             bt = (ab["B"].to(torch.float32) * scale).T

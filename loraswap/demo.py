@@ -1,0 +1,101 @@
+"""The README's demo: the embedded SmolLM2, two adapters trained and pushed, served side by side over gRPC.
+
+Steps (each one a real ``loraswap`` command, run as a user would):
+1. prepare the embedded base model (converted once, then cached);
+2. train two small adapters on CPU and push them to a local registry;
+3. list and show them in the registry;
+4. start ``loraswap serve`` on 127.0.0.1, call both adapters and the base model over gRPC;
+5. print the server's view of its adapters and a few Prometheus metrics, then stop it with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+DATA = Path(__file__).parent / "demo_data"
+TASKS = {
+    "secret-codes": (DATA / "secret_codes.jsonl", "Q: What is the secret code of Zorblax?\nA:"),
+    "json-tags": (DATA / "json_tags.jsonl", "Tag: violin\nJSON:"),
+}
+TRAIN_FLAGS = [
+    "--lora-r", "16", "--lora-alpha", "32", "--learning-rate", "2e-3", "--num-epochs", "12",
+    "--micro-batch-size", "4", "--max-seq-len", "48", "--eval-fraction", "0", "--seed", "0",
+]  # fmt: skip
+
+
+def loraswap(*args: str, env: dict[str, str]) -> None:
+    print(f"\n$ loraswap {' '.join(args)}", flush=True)
+    subprocess.run([sys.executable, "-m", "loraswap.cli", *args], env=env, check=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_health(target: str, timeout: float = 300.0) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+    raise RuntimeError(f"the server on {target} did not become healthy in {timeout:.0f}s")
+
+
+def main() -> int:
+    work = Path(tempfile.mkdtemp(prefix="loraswap-demo-"))
+    env = {**os.environ, "LORASWAP_REGISTRY": str(work / "registry")}
+    loraswap("model", "prepare", env=env)
+    for name, (data, _) in TASKS.items():
+        out = str(work / name)
+        loraswap("train", "--base", "default", "--data", str(data), "--output", out, "--push", f"{name}:demo",
+                 *TRAIN_FLAGS, env=env)  # fmt: skip
+    loraswap("registry", "list", env=env)
+    loraswap("registry", "show", "secret-codes:demo", env=env)
+    port, metrics_port = free_port(), free_port()
+    target = f"127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "loraswap.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--metrics-port", str(metrics_port), "--base", "default"],
+        env=env,
+    )  # fmt: skip
+    try:
+        wait_for_health(target)
+        for name, (_, prompt) in TASKS.items():
+            for adapter in (f"{name}:demo", ""):
+                loraswap("generate", "--target", target, "--adapter", adapter, "--max-new-tokens", "20",
+                         "--stop", "\n", prompt, env=env)  # fmt: skip
+        loraswap("adapters", "list", "--target", target, env=env)
+        loraswap("info", "--target", target, env=env)
+        print(f"\n$ curl http://127.0.0.1:{metrics_port}/metrics | grep loraswap_adapter_cache", flush=True)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        print("\n".join(line for line in text.splitlines() if line.startswith("loraswap_adapter_cache")))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    print(f"\ndemo finished; registry and adapters are in {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
