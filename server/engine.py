@@ -74,6 +74,7 @@ class Engine:
         self.device = pick_device(config.device)
         self.base_ref = resolve_base(config.base)
         self.fingerprint = base_fingerprint(self.base_ref.path)
+        _check_architecture(self.base_ref.config, config.max_seq_len)
         quantization = config.quantization or default_quantization(self.device)
         self.loaded = load_base(self.base_ref, quantization, self.device)
         self.tokenizer = self.loaded.tokenizer
@@ -411,6 +412,17 @@ class Engine:
                 "transformers": transformers.__version__,
                 "peft": peft.__version__,
             },
+        )
+
+
+def _check_architecture(model_config: dict, max_seq_len: int) -> None:
+    """Refuse what the packed forward does not implement (it has full causal attention only)."""
+    window = model_config.get("sliding_window")
+    uses_window = model_config.get("use_sliding_window", model_config.get("model_type") == "mistral")
+    if uses_window and window and max_seq_len > window:
+        raise InvalidArgumentError(
+            f"the base uses sliding-window attention ({window} tokens), which loraswap does not implement; "
+            f"set max_seq_len <= {window}"
         )
 
 

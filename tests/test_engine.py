@@ -337,3 +337,38 @@ def test_admin_tiers_pin_and_listing(engine: Engine) -> None:
     assert engine.adapters.status(status.digest).tiers in ((), ("disk",))
     info = engine.info()
     assert info.adapter_slots == 8 and info.quantization == "fp32" and info.kv_cache_bytes > 0
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_other_llama_family_bases_match_transformers(arch: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from loraswap.models.tiny import build_tiny_llama
+
+    base = build_tiny_llama(tmp_path / arch, arch=arch)
+    engine = Engine(EngineConfig(base=str(base), quantization="fp32", max_seq_len=64, max_batch_size=2))
+    ids = engine.tokenizer(PROMPTS[0])["input_ids"]
+    row = engine.kv.allocate()
+    got = engine.forward([SeqChunk(row, ids, 0, -1, True)])[0]
+    reference = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids])).logits[0, -1]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    engine.adapters.close()
+
+
+def test_unsupported_bases_are_refused(tmp_path: Path) -> None:
+    import json
+
+    from loraswap.models.tiny import build_tiny_llama
+
+    base = build_tiny_llama(tmp_path / "mistral", arch="mistral")
+    config = json.loads((base / "config.json").read_text())
+    config["sliding_window"] = 32
+    (base / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidArgumentError, match="sliding-window"):
+        Engine(EngineConfig(base=str(base), quantization="fp32", max_seq_len=64))
+    config["model_type"] = "gpt2"
+    (base / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidArgumentError, match="gpt2"):
+        Engine(EngineConfig(base=str(base), quantization="fp32"))

@@ -55,13 +55,20 @@ def build_tiny_llama(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     seed: int = 0,
+    arch: str = "llama",
 ) -> Path:
-    """Write a random Llama (fp32 safetensors) and its tokenizer to ``out_dir``; return ``out_dir``."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Write a random Llama-family model (fp32 safetensors) and its tokenizer to ``out_dir``.
 
+    ``arch`` is ``llama``, ``mistral`` or ``qwen2`` (same layout; Qwen2 adds q/k/v biases).
+    """
+    import torch
+    import transformers
+
+    classes = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+    config_cls = getattr(transformers, f"{classes[arch]}Config")
+    model_cls = getattr(transformers, f"{classes[arch]}ForCausalLM")
     tokenizer = build_tiny_tokenizer()
-    config = LlamaConfig(
+    config = config_cls(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -75,12 +82,12 @@ def build_tiny_llama(
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = model_cls(config)
     with torch.no_grad():  # larger weights than the default init so that outputs differ per token
-        for param in model.parameters():
-            if param.dim() == 2:
+        for name, param in model.named_parameters():
+            if param.dim() == 2 or name.endswith("proj.bias"):
                 param.normal_(0.0, 0.2)
-    config.name_or_path = "tiny-llama"
+    config.name_or_path = f"tiny-{arch}"
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
