@@ -250,8 +250,10 @@ def memory_metrics(device: str) -> list[GaugeMetricFamily]:
 def _nvml_utilization(index: int) -> float | None:
     try:
         import pynvml  # optional
-
+    except ImportError:
+        return None
+    try:
         pynvml.nvmlInit()
         return pynvml.nvmlDeviceGetUtilizationRates(pynvml.nvmlDeviceGetHandleByIndex(index)).gpu / 100.0
-    except Exception:  # NVML absent or failing: no utilization metric
+    except pynvml.NVMLError:  # no driver or no permission: no utilization metric
         return None

@@ -47,7 +47,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def _submit(self, request: inference_pb2.GenerateRequest, context: grpc.ServicerContext) -> Any:
         req = convert.request_from_pb(request, self.settings, deadline=call_deadline(context))
         handle = self.slot.get().submit(req)
-        context.add_callback(handle.cancel)  # runs when the call ends for any reason
+        if not context.add_callback(handle.cancel):  # runs when the call ends for any reason
+            handle.cancel()  # the call has already ended
         return handle
 
     def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.ServicerContext) -> Any:
