@@ -1,0 +1,168 @@
+"""The training loop: shuffled micro-batches, token-mean loss over gradient accumulation, clipping,
+AdamW + linear schedule, periodic eval and checkpoints, a tqdm bar on stderr."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraswap.trainer.checkpoint import TrainerState, save_checkpoint
+from loraswap.trainer.config import TrainConfig
+from loraswap.trainer.encoding import IGNORE_INDEX, Example
+
+log = logging.getLogger(__name__)
+
+
+def total_steps(config: TrainConfig, num_examples: int) -> int:
+    """Optimizer steps of the run: ``max_steps`` or ``num_epochs`` passes over the data."""
+    if config.max_steps:
+        return config.max_steps
+    per_epoch = math.ceil(num_examples / config.micro_batch_size)
+    return max(1, math.ceil(per_epoch * config.num_epochs / config.gradient_accumulation_steps))
+
+
+def micro_batches(num_examples: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless example indices, batch by batch; epoch ``e`` is a permutation seeded by ``seed + e``."""
+    import torch
+
+    epoch = 0
+    while True:
+        order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        for start in range(0, num_examples, batch_size):
+            yield order[start : start + batch_size]
+        epoch += 1
+
+
+def collate(examples: list[Example], pad_id: int, device) -> dict:
+    """Right-padded tensors ``input_ids``, ``attention_mask``, ``labels`` of shape ``[batch, longest]``."""
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def loss_sum(model, batch: dict):
+    """Summed next-token cross-entropy over the supervised tokens of ``batch`` (fp32)."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1].float()  # [batch, seq-1, vocab]
+    targets = batch["labels"][:, 1:]  # [batch, seq-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+
+
+def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, device) -> float:
+    """Mean token loss of ``model`` over ``examples``."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            total += loss_sum(model, collate(chunk, pad_id, device)).item()
+            count += sum(e.supervised_tokens for e in chunk)
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@dataclass
+class LoopContext:
+    """What the loop works on (built by ``loraswap.trainer.api.train``).
+
+    Attributes:
+        config: The run's configuration.
+        model: The PEFT model.
+        optimizer: Its optimizer.
+        scheduler: Its learning-rate scheduler.
+        train: Training examples.
+        eval: Evaluation examples (may be empty).
+        output: The run's output folder (checkpoints go under it).
+        total_steps: Optimizer steps of the whole run.
+        pad_id: Padding token id.
+        device: The torch device.
+    """
+
+    config: TrainConfig
+    model: object
+    optimizer: object
+    scheduler: object
+    train: list[Example]
+    eval: list[Example]
+    output: Path
+    total_steps: int
+    pad_id: int
+    device: object
+
+
+def _optimizer_step(ctx: LoopContext, group: list[list[Example]], state: TrainerState) -> float:
+    """Forward/backward every micro-batch of ``group``, then one clipped optimizer step; return the loss."""
+    import torch
+
+    params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
+    supervised = max(1, sum(e.supervised_tokens for batch in group for e in batch))
+    summed = 0.0
+    for examples in group:
+        batch = collate(examples, ctx.pad_id, ctx.device)
+        loss = loss_sum(ctx.model, batch)
+        (loss / supervised).backward()
+        summed += loss.item()
+        state.tokens += int(batch["attention_mask"].sum())
+    if ctx.config.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, ctx.config.max_grad_norm)
+    ctx.optimizer.step()
+    ctx.scheduler.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    state.supervised_tokens += supervised
+    return summed / supervised
+
+
+def run_loop(ctx: LoopContext, state: TrainerState) -> TrainerState:
+    """Train from ``state.step`` to ``ctx.total_steps``; ``state`` is updated in place and returned."""
+    from tqdm import tqdm
+
+    cfg = ctx.config
+    batches = micro_batches(len(ctx.train), cfg.micro_batch_size, cfg.seed)
+    for _ in range(state.step * cfg.gradient_accumulation_steps):  # the batches done before a resume
+        next(batches)
+    bar = tqdm(total=ctx.total_steps, initial=state.step, file=sys.stderr, disable=not cfg.progress)
+    started, tokens_before, seconds_before = time.perf_counter(), state.tokens, state.seconds
+    ctx.model.train()
+    while state.step < ctx.total_steps:
+        group = [[ctx.train[i] for i in next(batches)] for _ in range(cfg.gradient_accumulation_steps)]
+        state.last_loss = _optimizer_step(ctx, group, state)
+        state.step += 1
+        state.history.append([state.step, round(state.last_loss, 6)])
+        elapsed = time.perf_counter() - started
+        state.seconds = seconds_before + elapsed
+        rate = (state.tokens - tokens_before) / max(elapsed, 1e-9)
+        bar.set_postfix(loss=f"{state.last_loss:.4f}", tok_s=f"{rate:.0f}")
+        bar.update(1)
+        _periodic(ctx, state)
+    bar.close()
+    return state
+
+
+def _periodic(ctx: LoopContext, state: TrainerState) -> None:
+    cfg = ctx.config
+    if cfg.eval_steps and ctx.eval and state.step % cfg.eval_steps == 0 and state.step < ctx.total_steps:
+        loss = evaluate(ctx.model, ctx.eval, cfg.micro_batch_size, ctx.pad_id, ctx.device)
+        log.info("step %d: eval loss %.4f", state.step, loss)
+        state.eval_history.append([state.step, round(loss, 6)])
+    if cfg.save_steps and state.step % cfg.save_steps == 0:
+        path = save_checkpoint(ctx.output, ctx.model, ctx.optimizer, ctx.scheduler, state)
+        log.info("step %d: checkpoint %s", state.step, path)

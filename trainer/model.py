@@ -1,0 +1,133 @@
+"""Building the trainable model: a base (bf16/fp32, or 4-bit NF4 for QLoRA) wrapped by PEFT LoRA.
+
+bitsandbytes is imported only for QLoRA runs, which need CUDA.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from loraswap.errors import InvalidArgumentError
+from loraswap.trainer.config import TrainConfig
+
+ADAPTER_NAME = "default"
+
+
+def pick_device(config: TrainConfig):
+    """The torch device of a run; QLoRA (or an explicit cuda device) without CUDA is an error."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if config.qlora and not cuda:
+        raise InvalidArgumentError(
+            "QLoRA needs a CUDA GPU (bitsandbytes 4-bit training); none is available here. "
+            "Train a plain LoRA adapter instead (drop --qlora)"
+        )
+    if config.device.startswith("cuda") and not cuda:
+        raise InvalidArgumentError(f"device '{config.device}' requested but CUDA is not available")
+    if config.device == "auto":
+        return torch.device("cuda" if cuda else "cpu")
+    if config.qlora and config.device == "cpu":
+        raise InvalidArgumentError("QLoRA runs on CUDA only; device=cpu contradicts --qlora")
+    return torch.device(config.device)
+
+
+def load_tokenizer(base_path: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def lora_config(config: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=sorted(config.lora_target_modules),
+        use_rslora=config.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _load_full_precision(config: TrainConfig, base_path: Path, device) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = "auto" if config.dtype == "auto" else getattr(torch, config.dtype)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _load_4bit(config: TrainConfig, base_path: Path, device) -> Any:
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        base_path,
+        quantization_config=quantization,
+        dtype=torch.bfloat16,
+        device_map={"": device.index or 0},
+    )
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+
+
+def build_model(config: TrainConfig, base_path: Path, device) -> Any:
+    """The PEFT model ready to train; LoRA initialisation is seeded by ``config.seed``."""
+    import torch
+    from peft import get_peft_model
+
+    load = _load_4bit if config.qlora else _load_full_precision
+    base = load(config, base_path, device)
+    base.config.use_cache = False
+    torch.manual_seed(config.seed)
+    model = get_peft_model(base, lora_config(config), adapter_name=ADAPTER_NAME)
+    if not config.qlora:
+        model.to(device)
+    return model
+
+
+def trainable_parameters(model) -> list:
+    return [param for param in model.parameters() if param.requires_grad]
+
+
+def make_optimizer(config: TrainConfig, params: list):
+    """AdamW; paged 8-bit AdamW from bitsandbytes for QLoRA."""
+    import torch
+
+    if config.qlora:
+        from bitsandbytes.optim import PagedAdamW8bit
+
+        return PagedAdamW8bit(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def make_scheduler(optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up from 0 over ``warmup_steps``, then linear decay to 0 at ``total_steps``."""
+    import torch
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
