@@ -140,3 +140,23 @@ def test_qlora_without_cuda_and_bad_push_name(tiny_base: Path, tmp_path: Path, m
     with pytest.raises(SystemExit) as info:  # argparse refuses the choice
         main([*args, "--format", "xml"])
     assert info.value.code == 2
+
+
+def test_push_stores_the_adapter_with_its_training_metadata(
+    tiny_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from loraswap.registry import open_registry
+
+    registry = tmp_path / "registry"
+    out = tmp_path / "out"
+    args = ["train", "--base", str(tiny_base), "--data", str(DATA), "--output", str(out), *FAST]
+    assert main([*args, "--save-steps", "1", "--push", "codes:v1", "--registry", str(registry)]) == 0
+    name, digest = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert name == "codes" and digest.startswith("sha256:")
+    manifest = open_registry(str(registry)).resolve("codes:v1")
+    assert manifest.digest == digest
+    assert sorted(f.path for f in manifest.files) == sorted(
+        ["adapter_config.json", ADAPTER_WEIGHTS, TRAINING_METADATA]
+    )
+    local = json.loads((out / TRAINING_METADATA).read_text())
+    assert manifest.training == local and manifest.base_fingerprint == local["base_fingerprint"]

@@ -52,29 +52,91 @@ def load_with_adapter(base_dir: Path, adapter_dir: Path | None, dtype: str = "fl
     return model.eval()
 
 
-def greedy_complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 16) -> list[str]:
-    """Greedy completion of each prompt (tokenized as in training: special tokens on, no template)."""
+def greedy_complete(
+    model, tokenizer, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 32
+) -> list[str]:
+    """Greedy completion of each prompt, tokenized as in training (special tokens on, no chat template).
+
+    Prompts are batched with left padding; decoding stops at the end-of-sequence token.
+    """
     import torch
 
-    answers = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, add_special_tokens=True, return_tensors="pt")["input_ids"]
-        ids = ids.to(next(model.parameters()).device)
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(
+                device
             )
-        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+            with torch.no_grad():
+                out = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            new = out[:, batch["input_ids"].shape[1] :]  # [batch, new tokens]
+            answers += tokenizer.batch_decode(new, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
     return answers
 
 
-def probe(model, tokenizer, pairs: list[tuple[str, str]], max_new_tokens: int = 16) -> ProbeResult:
-    prompts = [p for p, _ in pairs]
-    return ProbeResult(
-        prompts, [c for _, c in pairs], greedy_complete(model, tokenizer, prompts, max_new_tokens)
-    )
+def probe(model, tokenizer, pairs: list[tuple[str, str]]) -> ProbeResult:
+    """Ask every prompt of ``pairs``; generation is long enough for the longest expected completion."""
+    prompts, expected = [p for p, _ in pairs], [c for _, c in pairs]
+    longest = max(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in expected)
+    return ProbeResult(prompts, expected, greedy_complete(model, tokenizer, prompts, longest + 1))
+
+
+# A recipe that teaches SmolLM2-135M a made-up fact table (tests/data/secret_codes.jsonl) on 2 CPU cores in
+# about a minute of training; the eval set is the training set (the facts cannot be inferred).
+FACT_RECIPE: dict[str, Any] = {
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "lora_target_modules": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "learning_rate": 3e-3,
+    "warmup_steps": 3,
+    "max_steps": 30,
+    "micro_batch_size": 8,
+    "max_seq_len": 48,
+    "seed": 42,
+    "progress": False,
+}
+
+
+@dataclass(frozen=True)
+class LearningCheck:
+    """A fact-table run and what the base and the adapter answer.
+
+    Attributes:
+        output: The adapter folder.
+        metadata: Its training metadata.
+        base: Greedy answers of the base model alone.
+        tuned: Greedy answers of the base with the adapter loaded by plain PEFT.
+    """
+
+    output: Path
+    metadata: dict[str, Any]
+    base: ProbeResult
+    tuned: ProbeResult
+
+
+def learning_check(base_dir: Path, data: Path, output: Path, **overrides: Any) -> LearningCheck:
+    """Train ``FACT_RECIPE`` on ``data`` (a prompt_completion file) and probe base and adapter with it."""
+    from loraswap.trainer.api import train
+    from loraswap.trainer.config import build_config
+    from loraswap.trainer.metadata import read_metadata
+    from loraswap.trainer.model import load_tokenizer
+
+    settings = {**FACT_RECIPE, "base": str(base_dir), "data": str(data), "eval_data": str(data)}
+    result = train(build_config(settings, {"output": str(output), **overrides}))
+    del result  # free the training model before loading two more
+    pairs, tokenizer = prompt_pairs(data), load_tokenizer(base_dir)
+    dtype = "float32" if overrides.get("dtype") == "float32" else "bfloat16"
+    tuned = probe(load_with_adapter(base_dir, output, dtype), tokenizer, pairs)
+    base = probe(load_with_adapter(base_dir, None, dtype), tokenizer, pairs)
+    return LearningCheck(Path(output), read_metadata(output), base, tuned)
