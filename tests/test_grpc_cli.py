@@ -42,7 +42,7 @@ def test_serve_drains_in_flight_requests_on_sigterm(tiny_base: Path, make_adapte
         "--registry",
         str(registry),
     ]
-    command += ["--max-seq-len", "300", "--max-new-tokens", "250", "--grace-seconds", "30"]
+    command += ["--max-seq-len", "1100", "--max-new-tokens", "1000", "--grace-seconds", "30"]
     proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     ready = threading.Event()
@@ -61,7 +61,9 @@ def test_serve_drains_in_flight_requests_on_sigterm(tiny_base: Path, make_adapte
             info = client.info()
             assert info.max_rank == 8 and info.adapter_slots == 2 and info.quantization == "fp32"
             stream = client.stream(
-                "The quick", adapter="bot:prod", sampling=SamplingParams(250, ignore_eos=True)
+                "The quick",
+                adapter="bot:prod",
+                sampling=SamplingParams(1000, ignore_eos=True),  # >= 0.8 s
             )
             first = next(stream)
             proc.send_signal(signal.SIGTERM)
@@ -81,7 +83,7 @@ def test_serve_drains_in_flight_requests_on_sigterm(tiny_base: Path, make_adapte
             proc.kill()
             proc.wait()
     result = rest[-1].result
-    assert result is not None and result.finish_reason == "length" and result.completion_tokens == 250
+    assert result is not None and result.finish_reason == "length" and result.completion_tokens == 1000
     assert first.text + "".join(e.text for e in rest) == result.text
     log = "".join(lines)
     assert "draining" in log and "stopped" in log
