@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--registered", type=int, default=1000, help="adapters in the registry for item 5")
     parser.add_argument("--in-flight", type=int, default=100, help="distinct adapters in flight for item 5")
+    parser.add_argument("--peft-requests", type=int, default=8, help="requests timed through naive PEFT")
     args = parser.parse_args(argv)
     base = resolve_base(args.base)
     work = Path(tempfile.mkdtemp(prefix="loraswap-bench-"))
@@ -176,6 +177,7 @@ def many_adapters(args: argparse.Namespace, base, work: Path) -> dict[str, float
     engine.start()
     throughput(engine, requests(["m0"] * 4, 4))  # warm-up
     one = throughput(engine, requests(["m0"] * args.in_flight, args.new_tokens))
+    print(f"{args.in_flight} requests on one adapter: {one:.1f} tok/s", flush=True)
     names = [f"m{i}" for i in range(0, args.registered, max(1, args.registered // args.in_flight))][
         : args.in_flight
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 QUANTIZATIONS = ("nf4", "int8", "bf16", "fp16", "fp32")
+LORA_OPS = ("auto", "grouped", "bgmv", "sgmv", "reference")
 
 
 @dataclass
@@ -28,8 +29,8 @@ class EngineConfig:
         host_cache_bytes: Byte budget of adapters kept in host RAM (LRU).
         tag_ttl_s: Seconds a resolved tag → digest mapping is trusted before asking the registry again.
         load_workers: Threads that fetch and parse adapters in the background.
-        lora_op: ``auto`` (pick per batch), ``bgmv`` (gather + bmm), ``sgmv`` (per-segment matmul) or
-            ``reference`` (per-token loop, for tests).
+        lora_op: ``auto`` (pick per batch), ``grouped`` (bmm over slot-buffer views), ``bgmv`` (gather +
+            bmm), ``sgmv`` (per-segment matmul) or ``reference`` (per-token loop, for tests).
     """
 
     base: str = "default"
@@ -56,6 +57,6 @@ class EngineConfig:
                 out.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue < 0:
             out.append(f"max_queue must be >= 0, got {self.max_queue}")
-        if self.lora_op not in ("auto", "bgmv", "sgmv", "reference"):
-            out.append(f"lora_op must be auto, bgmv, sgmv or reference, got {self.lora_op!r}")
+        if self.lora_op not in LORA_OPS:
+            out.append(f"lora_op must be one of {LORA_OPS}, got {self.lora_op!r}")
         return out

@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from loraswap.adapter_format import SUPPORTED_TARGETS
-from loraswap.server.lora_ops import lora_bgmv, lora_reference, lora_sgmv, segments
+from loraswap.server.lora_ops import (
+    group_layout,
+    lora_bgmv,
+    lora_grouped,
+    lora_reference,
+    lora_sgmv,
+    segments,
+)
 
 
 @dataclass
@@ -26,12 +33,14 @@ class LoraContext:
         slots: ``[T]`` slot index per token (-1 = base only), on the model's device.
         runs: Runs of equal slots, for the segmented op.
         rank: Largest rank among the slots in use (ops skip zero padding past it).
+        layout: Grid layout for the grouped op (first slot, slot count, tokens per slot, cells).
         op: The op chosen for this batch.
     """
 
     slots: torch.Tensor | None = None
     runs: list[tuple[int, int, int]] = field(default_factory=list)
     rank: int = 0
+    layout: tuple[int, int, int, torch.Tensor] | None = None
     op: Callable[..., torch.Tensor] | None = None
 
     def set_batch(self, slot_list: list[int], ranks: dict[int, int], device: torch.device, mode: str) -> None:
@@ -39,22 +48,31 @@ class LoraContext:
         self.slots = torch.tensor(slot_list, dtype=torch.long, device=device)
         self.runs = segments(slot_list)
         self.rank = max((ranks[s] for s in set(slot_list) if s >= 0), default=0)
-        self.op = choose_op(mode, len(slot_list), len(self.runs))
+        found = group_layout(slot_list)
+        grid_cells = found[1] * found[2] if found else 0
+        if found:
+            self.layout = (*found[:3], torch.tensor(found[3], dtype=torch.long, device=device))
+        self.op = choose_op(mode, len(slot_list), len(self.runs), grid_cells)
 
     def clear(self) -> None:
-        self.slots, self.runs, self.rank, self.op = None, [], 0, None
+        self.slots, self.runs, self.rank, self.layout, self.op = None, [], 0, None, None
 
 
-def choose_op(mode: str, num_tokens: int, num_runs: int) -> Callable[..., torch.Tensor] | None:
-    """``auto``: segmented matmuls when runs are long (prefill), gather+bmm when they are short."""
+def choose_op(
+    mode: str, num_tokens: int, num_runs: int, grid_cells: int
+) -> Callable[..., torch.Tensor] | None:
+    """Pick the LoRA op for a batch (None when no token has an adapter).
+
+    ``auto``: the grouped op when its slot grid is dense (at most twice the tokens: decode over a compact
+    slot range, or one adapter), else segmented matmuls when runs are long (prefill), else gather+bmm.
+    """
     if num_runs == 0:
         return None
-    if mode == "reference":
-        return lora_reference
-    if mode == "bgmv":
-        return lora_bgmv
-    if mode == "sgmv":
-        return lora_sgmv
+    fixed = {"reference": lora_reference, "bgmv": lora_bgmv, "sgmv": lora_sgmv, "grouped": lora_grouped}
+    if mode in fixed:
+        return fixed[mode]
+    if grid_cells <= 2 * num_tokens:
+        return lora_grouped
     return lora_sgmv if num_tokens >= 4 * num_runs else lora_bgmv
 
 
@@ -94,6 +112,8 @@ class BatchedLoraLinear(nn.Module):
         flat = x.reshape(-1, shape[-1]).to(self.a.dtype)  # [T, in]
         if ctx.op is lora_sgmv:
             delta = lora_sgmv(flat, self.a, self.bt, ctx.slots, ctx.rank, ctx.runs)
+        elif ctx.op is lora_grouped:
+            delta = lora_grouped(flat, self.a, self.bt, ctx.slots, ctx.rank, ctx.layout)
         else:
             delta = ctx.op(flat, self.a, self.bt, ctx.slots, ctx.rank)
         return y + delta.reshape(*shape[:-1], self.out_features).to(y.dtype)

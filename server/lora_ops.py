@@ -10,6 +10,9 @@ only the first ``rank`` rows (the largest rank in the batch) and stay exact. A s
   tokens, each from a different adapter).
 - :func:`lora_sgmv`: one pair of matmuls per run of consecutive tokens sharing a slot (best for
   prefill: long runs of one adapter).
+- :func:`lora_grouped`: tokens scattered into a ``[slots, n, in]`` grid (n = most tokens of one slot),
+  then two bmm over *views* of the slot buffers: no weight is copied (best for decode when the slots in
+  use are dense).
 """
 
 from __future__ import annotations
@@ -70,3 +73,58 @@ def lora_sgmv(
         h = x[start:end] @ a[slot, :rank].T  # [n, r]
         out[start:end] = h @ bt[slot, :rank]  # [n, out]
     return out
+
+
+def group_layout(slots: list[int]) -> tuple[int, int, int, list[int]] | None:
+    """Grid layout for :func:`lora_grouped`: (first slot, slot count, n per slot, grid cell per token).
+
+    Tokens without an adapter get cell -1. None when no token has an adapter.
+    """
+    used = [s for s in slots if s >= 0]
+    if not used:
+        return None
+    first, count = min(used), max(used) - min(used) + 1
+    seen: dict[int, int] = {}
+    for s in used:
+        seen[s] = seen.get(s, 0) + 1
+    per_slot = max(seen.values())
+    filled: dict[int, int] = {}
+    cells = []
+    for s in slots:
+        if s < 0:
+            cells.append(-1)
+            continue
+        k = filled.get(s, 0)
+        filled[s] = k + 1
+        cells.append((s - first) * per_slot + k)
+    return first, count, per_slot, cells
+
+
+def lora_grouped(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    slots: torch.Tensor,
+    rank: int | None = None,
+    layout: tuple[int, int, int, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Delta ``[T, out]`` by two bmm over the slot range ``[first, first + count)`` (views, no copies).
+
+    ``layout`` is :func:`group_layout`'s result with the cells as a tensor; computed when omitted.
+    """
+    rank = rank or a.shape[1]
+    if layout is None:
+        found = group_layout(slots.tolist())
+        if found is None:
+            return torch.zeros(x.shape[0], bt.shape[2], dtype=x.dtype, device=x.device)
+        layout = (*found[:3], torch.tensor(found[3], dtype=torch.long, device=x.device))
+    first, count, per_slot, cells = layout
+    active = cells >= 0
+    grid = x.new_zeros(count * per_slot, x.shape[1])
+    grid[cells[active]] = x[active]
+    grid = grid.view(count, per_slot, x.shape[1])  # [S, n, in]
+    h = torch.bmm(grid, a[first : first + count, :rank].transpose(1, 2))  # [S, n, r]
+    out = torch.bmm(h, bt[first : first + count, :rank]).view(count * per_slot, -1)  # [S*n, out]
+    delta = x.new_zeros(x.shape[0], bt.shape[2])
+    delta[active] = out[cells[active]]
+    return delta

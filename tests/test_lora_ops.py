@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from loraswap.server.lora_layer import choose_op
-from loraswap.server.lora_ops import lora_bgmv, lora_reference, lora_sgmv, segments
+from loraswap.server.lora_ops import (
+    group_layout,
+    lora_bgmv,
+    lora_grouped,
+    lora_reference,
+    lora_sgmv,
+    segments,
+)
 
 
 def _random_case(tokens: int, slots: int, rank: int, seed: int, dtype=torch.float32):
@@ -19,7 +26,7 @@ def _random_case(tokens: int, slots: int, rank: int, seed: int, dtype=torch.floa
 
 
 @pytest.mark.parametrize("seed", range(5))
-@pytest.mark.parametrize("op", [lora_bgmv, lora_sgmv])
+@pytest.mark.parametrize("op", [lora_bgmv, lora_sgmv, lora_grouped])
 def test_fast_ops_match_reference(op, seed: int) -> None:
     x, a, bt, slots = _random_case(tokens=37, slots=6, rank=8, seed=seed)
     expected = lora_reference(x, a, bt, slots)
@@ -29,7 +36,7 @@ def test_fast_ops_match_reference(op, seed: int) -> None:
 def test_ops_in_bf16_stay_close_to_fp32_reference() -> None:
     x, a, bt, slots = _random_case(tokens=16, slots=4, rank=16, seed=7)
     expected = lora_reference(x, a, bt, slots)
-    for op in (lora_bgmv, lora_sgmv):
+    for op in (lora_bgmv, lora_sgmv, lora_grouped):
         got = op(x.bfloat16(), a.bfloat16(), bt.bfloat16(), slots).float()
         torch.testing.assert_close(got, expected, rtol=2e-2, atol=0.5)
 
@@ -39,21 +46,29 @@ def test_rank_truncation_is_exact_with_zero_padding() -> None:
     a[:, 4:] = 0
     bt[:, 4:] = 0
     full = lora_reference(x, a, bt, slots)
-    for op in (lora_bgmv, lora_sgmv):
+    for op in (lora_bgmv, lora_sgmv, lora_grouped):
         torch.testing.assert_close(op(x, a, bt, slots, 4), full, rtol=1e-5, atol=1e-5)
 
 
 def test_tokens_without_adapter_get_no_delta() -> None:
     x, a, bt, _ = _random_case(tokens=5, slots=2, rank=4, seed=0)
     slots = torch.full((5,), -1)
-    for op in (lora_reference, lora_bgmv, lora_sgmv):
+    for op in (lora_reference, lora_bgmv, lora_sgmv, lora_grouped):
         assert torch.count_nonzero(op(x, a, bt, slots)) == 0
 
 
 def test_segments_and_op_choice() -> None:
     assert segments([0, 0, -1, 2, 2, 2, 0]) == [(0, 2, 0), (3, 6, 2), (6, 7, 0)]
     assert segments([-1, -1]) == []
-    assert choose_op("auto", 8, 0) is None
-    assert choose_op("auto", 8, 8) is lora_bgmv  # decode: one token per run
-    assert choose_op("auto", 400, 2) is lora_sgmv  # prefill: long runs
-    assert choose_op("reference", 400, 2) is lora_reference
+    assert choose_op("auto", 8, 0, 0) is None
+    assert choose_op("auto", 8, 8, 8) is lora_grouped  # decode over a compact slot range
+    assert choose_op("auto", 8, 8, 64) is lora_bgmv  # decode over scattered slots
+    assert choose_op("auto", 400, 2, 1200) is lora_sgmv  # prefill: long runs
+    assert choose_op("reference", 400, 2, 400) is lora_reference
+
+
+def test_group_layout_places_each_token_in_its_slot_row() -> None:
+    assert group_layout([-1, -1]) is None
+    first, count, per_slot, cells = group_layout([3, 5, -1, 3, 4])
+    assert (first, count, per_slot) == (3, 3, 2)
+    assert cells == [0, 4, -1, 1, 2]
