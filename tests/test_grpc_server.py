@@ -160,16 +160,16 @@ def sample(stack: Stack, name: str, labels: dict[str, str] | None = None) -> flo
 
 def test_concurrent_mixed_adapters_match_the_engine(stack: Stack, client: Client) -> None:
     refs = ["", "a1", "a2:prod", f"a3@{stack.digests['a3']}", "a4", "a1:prod"]
-    jobs = [(ref, PROMPTS[i % len(PROMPTS)]) for i, ref in enumerate(refs * 2)]
+    # greedy, and seeded sampling (the seed travels through the proto): reproducible whatever the batch
+    samplings = [greedy(10), SamplingParams(10, temperature=0.9, top_k=40, top_p=0.95, seed=7)]
+    jobs = [(ref, PROMPTS[i % len(PROMPTS)], samplings[i % 2]) for i, ref in enumerate(refs * 2)]
     direct = [
-        stack.engine.generate(GenerationRequest(adapter=ref, prompt=prompt, sampling=greedy(10)))
-        for ref, prompt in jobs
+        stack.engine.generate(GenerationRequest(adapter=ref, prompt=prompt, sampling=sampling))
+        for ref, prompt, sampling in jobs
     ]
     with ThreadPoolExecutor(len(jobs)) as pool:
-        over_grpc = list(
-            pool.map(lambda job: client.generate(job[1], adapter=job[0], sampling=greedy(10)), jobs)
-        )
-    for (ref, _), want, got in zip(jobs, direct, over_grpc, strict=True):
+        over_grpc = list(pool.map(lambda job: client.generate(job[1], adapter=job[0], sampling=job[2]), jobs))
+    for (ref, _, _), want, got in zip(jobs, direct, over_grpc, strict=True):
         assert got.token_ids == want.token_ids and got.text == want.text, ref
         assert got.adapter_digest == want.adapter_digest
         assert got.finish_reason == want.finish_reason and got.completion_tokens == want.completion_tokens
