@@ -97,7 +97,7 @@ def probe(model, tokenizer, pairs: list[tuple[str, str]]) -> ProbeResult:
 FACT_RECIPE: dict[str, Any] = {
     "lora_r": 16,
     "lora_alpha": 32,
-    "lora_target_modules": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "lora_target_modules": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "learning_rate": 3e-3,
     "warmup_steps": 3,
     "max_steps": 30,
