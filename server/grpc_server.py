@@ -121,7 +121,10 @@ def serve(
         _say(f"serving on {settings.host}:{port}")
         if on_ready is not None:
             on_ready(server, metrics_port)
-        stop.wait()
+        # Wake up often: a signal delivered to another thread (gRPC, engine) only runs its Python handler
+        # once the main thread executes bytecode again, which a plain stop.wait() would never do.
+        while not stop.wait(timeout=0.1):
+            pass
         _say(f"draining (grace {settings.grace_seconds:g}s)")
     finally:
         server.shutdown(settings.grace_seconds)
