@@ -212,3 +212,11 @@ def test_qlora_trains_on_cuda(tiny_base: Path, tmp_path: Path) -> None:
     loaded = load_with_adapter(tiny_base, result.output)  # the adapter also runs on a full-precision base
     ids = result.tokenizer("Q: What is the secret code of Zorblax?", return_tensors="pt")["input_ids"]
     assert torch.isfinite(loaded(input_ids=ids).logits).all()
+
+
+def test_cpu_threads_are_restored_after_a_run(tiny_base: Path, tmp_path: Path) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    meta = train(tiny_config(tiny_base, tmp_path / "t", max_steps=1, cpu_threads=1)).metadata
+    assert meta["config"]["cpu_threads"] == 1 and torch.get_num_threads() == before

@@ -27,6 +27,7 @@ from loraswap.trainer.loop import LoopContext, evaluate, run_loop, total_steps
 from loraswap.trainer.metadata import build_metadata, dataset_entry, write_metadata
 from loraswap.trainer.model import (
     build_model,
+    cpu_threads,
     load_tokenizer,
     make_optimizer,
     make_scheduler,
@@ -37,7 +38,7 @@ from loraswap.trainer.model import (
 log = logging.getLogger(__name__)
 
 # Config keys that may change between a run and its resumption (they do not change the result).
-RESUMABLE_CHANGES = frozenset({"progress", "save_steps", "eval_steps", "device", "output"})
+RESUMABLE_CHANGES = frozenset({"progress", "save_steps", "eval_steps", "device", "output", "cpu_threads"})
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,11 @@ def _resume_state(ctx: LoopContext, fingerprint: dict[str, Any]) -> tuple[Traine
 
 def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     """Train an adapter as ``config`` says; with ``resume``, continue from the last checkpoint."""
+    with cpu_threads(config.cpu_threads):
+        return _train(config, resume)
+
+
+def _train(config: TrainConfig, resume: bool) -> TrainResult:
     config.validate()
     output = Path(str(config.output))
     _check_output(output, resume)

@@ -102,6 +102,10 @@ class TrainConfig:
     """Seed of LoRA initialisation, data order, hold-out split and dropout."""
     device: str = "auto"
     """Device: auto (cuda when available, else cpu), cpu, cuda, cuda:N."""
+    cpu_threads: int = 0
+    """CPU threads torch uses during the run (0: torch's default, one per core); 1 avoids the heavy slowdown
+    of oversubscribed cores when other processes share them."""
+    """Device: auto (cuda when available, else cpu), cpu, cuda, cuda:N."""
     progress: bool = True
     """Show a progress bar (tqdm, on stderr)."""
 
@@ -138,6 +142,7 @@ def _range_problems(cfg: TrainConfig) -> list[str]:
         ("eval_fraction", 0 <= cfg.eval_fraction < 1, "must be in [0, 1)"),
         ("eval_steps", cfg.eval_steps >= 0, "must be >= 0"),
         ("save_steps", cfg.save_steps >= 0, "must be >= 0"),
+        ("cpu_threads", cfg.cpu_threads >= 0, "must be >= 0"),
     ]
     return [f"{name}={getattr(cfg, name)!r} {why}" for name, ok, why in checks if not ok]
 
