@@ -130,3 +130,35 @@ def test_unknown_record_keys_and_empty_files(tmp_path: Path, tokenizer) -> None:
     too_long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "x " * 40, "completion": " y"}])
     with pytest.raises(InvalidArgumentError, match="no usable example"):
         encode_file(read_jsonl(too_long), tokenizer, 8, "truncate")
+
+
+def test_opening_assistant_turn_learns_only_its_content(tmp_path: Path, tokenizer) -> None:
+    rows = [
+        {"messages": [{"role": "assistant", "content": "Hello there."}, {"role": "user", "content": "Hi"}]}
+    ]
+    example = encode_file(
+        read_jsonl(write_jsonl(tmp_path / "c.jsonl", rows)), tokenizer, 512, "truncate"
+    ).examples[0]
+    learned = [t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE_INDEX]
+    assert tokenizer.decode(learned) == "Hello there.<|im_end|>\n"
+
+
+@pytest.mark.slow
+def test_chat_masking_with_the_smollm2_template(smollm2_dir: Path, tmp_path: Path) -> None:
+    smol = load_tokenizer(smollm2_dir)
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "Capital of Italy?"},
+                {"role": "assistant", "content": "Rome."},
+            ]
+        },
+        {"messages": [{"role": "assistant", "content": "Ask me."}, {"role": "user", "content": "Ok"}]},
+    ]
+    examples = encode_file(
+        read_jsonl(write_jsonl(tmp_path / "c.jsonl", rows)), smol, 512, "truncate"
+    ).examples
+    for example, content in zip(examples, ("Rome.", "Ask me."), strict=True):
+        assert "You are a helpful AI assistant" in smol.decode(example.input_ids)  # the default system prompt
+        pairs = zip(example.input_ids, example.labels, strict=True)
+        assert smol.decode([t for t, label in pairs if label != IGNORE_INDEX]) == content + "<|im_end|>\n"

@@ -81,15 +81,21 @@ def _render(tokenizer, messages: list[dict[str, Any]], generation_prompt: bool) 
 
 
 def assistant_spans(messages: list[dict[str, Any]], tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered chat and the character spans ``[start, end)`` of its assistant turns."""
+    """The rendered chat and the character spans ``[start, end)`` of its assistant turns.
+
+    A turn starts where the rendering of the messages before it with the generation prompt ends (the
+    ``<|im_start|>assistant`` header is not learned); a conversation that opens with an assistant turn has
+    no such prefix, so its first turn starts at its content. A turn ends where the rendering up to and
+    including it ends (the end-of-turn marker is learned).
+    """
     text = _render(tokenizer, messages, False)
     spans = []
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(_render(tokenizer, messages[:k], True)) if k else 0
         upto = _render(tokenizer, messages[: k + 1], False)
-        if not text.startswith(upto) or start > len(upto):
+        start = len(_render(tokenizer, messages[:k], True)) if k else upto.rfind(message["content"].strip())
+        if not text.startswith(upto) or not 0 <= start <= len(upto):
             raise InvalidArgumentError(
                 "the base model's chat template renders a conversation differently from its prefixes; "
                 "assistant turns cannot be located (use the prompt_completion format)"
