@@ -220,3 +220,27 @@ def test_cpu_threads_are_restored_after_a_run(tiny_base: Path, tmp_path: Path) -
     before = torch.get_num_threads()
     meta = train(tiny_config(tiny_base, tmp_path / "t", max_steps=1, cpu_threads=1)).metadata
     assert meta["config"]["cpu_threads"] == 1 and torch.get_num_threads() == before
+
+
+def test_saving_never_calls_state_dict_on_the_model(trained, tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    from loraswap.trainer.adapter_io import save_adapter
+    from loraswap.trainer.checkpoint import TrainerState, save_checkpoint
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("state_dict() called on a module")
+
+    monkeypatch.setattr(torch.nn.Module, "state_dict", refuse)
+    save_adapter(trained.model, tmp_path / "again")
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    save_checkpoint(tmp_path / "again", trained.model, optimizer, scheduler, TrainerState(step=1))
+    again = load_weights(tmp_path / "again")
+    assert all(torch.equal(again[k], w) for k, w in load_weights(trained.output).items())
+
+
+def test_progress_bar_shows_loss_and_tokens_per_second(tiny_base: Path, tmp_path: Path, capsys) -> None:
+    train(tiny_config(tiny_base, tmp_path / "p", max_steps=2, progress=True))
+    err = capsys.readouterr().err
+    assert "2/2" in err and "loss=" in err and "tok_s=" in err
