@@ -11,6 +11,7 @@ Steps (each one a real ``loraswap`` command, run as a user would):
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -26,13 +27,15 @@ TASKS = {
     "json-tags": (DATA / "json_tags.jsonl", "Tag: violin\nJSON:"),
 }
 TRAIN_FLAGS = [
-    "--lora-r", "16", "--lora-alpha", "32", "--learning-rate", "2e-3", "--num-epochs", "12",
-    "--micro-batch-size", "4", "--max-seq-len", "48", "--eval-fraction", "0", "--seed", "0",
+    "--lora-r", "16", "--lora-alpha", "32", "--lora-target-modules",
+    "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--learning-rate", "3e-3",
+    "--warmup-steps", "3", "--max-steps", "30", "--micro-batch-size", "8", "--max-seq-len", "48",
+    "--eval-fraction", "0", "--seed", "42", "--no-progress",
 ]  # fmt: skip
 
 
 def loraswap(*args: str, env: dict[str, str]) -> None:
-    print(f"\n$ loraswap {' '.join(args)}", flush=True)
+    print(f"\n$ loraswap {shlex.join(args)}", flush=True)
     subprocess.run([sys.executable, "-m", "loraswap.cli", *args], env=env, check=True)
 
 
