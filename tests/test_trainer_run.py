@@ -37,6 +37,7 @@ def tiny_config(base: Path, output: Path, **overrides):
         "lora_dropout": 0.1,
         "max_seq_len": 64,
         "progress": False,
+        "cpu_threads": 1,  # a tiny model gains nothing from more, and shared CI cores lose a lot
     }
     return build_config(overrides={**settings, **overrides})
 
