@@ -23,6 +23,8 @@ FAST = [
     "--no-progress",
     "--max-seq-len",
     "64",
+    "--cpu-threads",
+    "1",
 ]
 
 
