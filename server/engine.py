@@ -39,7 +39,7 @@ from loraswap.server.api import (
 from loraswap.server.config import EngineConfig
 from loraswap.server.detok import TextStream
 from loraswap.server.device import pick_device
-from loraswap.server.forward import PackedForward, SeqChunk
+from loraswap.server.forward import PackedForward, SeqChunk, chunk_order
 from loraswap.server.kv_cache import KVCache
 from loraswap.server.lora_layer import install_lora_layers
 from loraswap.server.model_loader import default_quantization, load_base
@@ -292,7 +292,7 @@ class Engine:
             else:
                 tokens, last = state.next_input(1), True
             plan.append((state, SeqChunk(state.row, tokens, state.cached, state.slot, last)))
-        plan.sort(key=lambda item: len(item[1].token_ids) > 1)  # same order PackedForward uses
+        plan.sort(key=lambda item: chunk_order(item[1]))  # the order PackedForward runs them in
         return plan
 
     def _advance(self, plan: list[tuple[RequestState, SeqChunk]], logits: torch.Tensor) -> None:

@@ -48,6 +48,12 @@ class _Batch:
     prefill: list[tuple[int, int, int, int]]  # (token start, token end, row, start_pos)
 
 
+def chunk_order(chunk: SeqChunk) -> tuple[bool, int]:
+    """Decode chunks first (they share one attention call), grouped by adapter slot (LoRA ops run on
+    contiguous tokens per slot)."""
+    return len(chunk.token_ids) > 1, chunk.slot
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -74,7 +80,7 @@ class PackedForward:
     @torch.inference_mode()
     def __call__(self, chunks: list[SeqChunk]) -> torch.Tensor:
         """Run one step; return logits ``[n, vocab]`` (fp32) for chunks with ``want_logits``, in order."""
-        chunks = sorted(chunks, key=lambda c: len(c.token_ids) > 1)  # decode chunks first
+        chunks = sorted(chunks, key=chunk_order)  # decode chunks first, by slot
         batch, ids, slot_list, want = self._pack(chunks)
         self.lora.set_batch(slot_list, self.ranks, self.device, self.mode)
         try:

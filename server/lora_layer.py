@@ -34,6 +34,8 @@ class LoraContext:
         runs: Runs of equal slots, for the segmented op.
         rank: Largest rank among the slots in use (ops skip zero padding past it).
         layout: Grid layout for the grouped op (first slot, slot count, tokens per slot, cells).
+        in_place: The tokens already form the grouped op's grid (sorted by slot, every slot of the range
+            with the same token count), so LoRA layers add their delta into the output in place.
         op: The op chosen for this batch.
     """
 
@@ -41,6 +43,7 @@ class LoraContext:
     runs: list[tuple[int, int, int]] = field(default_factory=list)
     rank: int = 0
     layout: tuple[int, int, int, torch.Tensor] | None = None
+    in_place: bool = False
     op: Callable[..., torch.Tensor] | None = None
 
     def set_batch(self, slot_list: list[int], ranks: dict[int, int], device: torch.device, mode: str) -> None:
@@ -53,9 +56,17 @@ class LoraContext:
         if found:
             self.layout = (*found[:3], torch.tensor(found[3], dtype=torch.long, device=device))
         self.op = choose_op(mode, len(slot_list), len(self.runs), grid_cells)
+        self.in_place = bool(
+            found
+            and mode == "auto"
+            and self.op is lora_grouped
+            and found[1] * found[2] == len(slot_list)
+            and found[3] == list(range(len(slot_list)))
+        )
 
     def clear(self) -> None:
         self.slots, self.runs, self.rank, self.layout, self.op = None, [], 0, None, None
+        self.in_place = False
 
 
 def choose_op(
@@ -110,6 +121,8 @@ class BatchedLoraLinear(nn.Module):
             return y
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).to(self.a.dtype)  # [T, in]
+        if ctx.in_place and y.dtype == self.bt.dtype:
+            return self._add_grouped_in_place(flat, y)
         if ctx.op is lora_sgmv:
             delta = lora_sgmv(flat, self.a, self.bt, ctx.slots, ctx.rank, ctx.runs)
         elif ctx.op is lora_grouped:
@@ -117,6 +130,15 @@ class BatchedLoraLinear(nn.Module):
         else:
             delta = ctx.op(flat, self.a, self.bt, ctx.slots, ctx.rank)
         return y + delta.reshape(*shape[:-1], self.out_features).to(y.dtype)
+
+    def _add_grouped_in_place(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y += delta`` for a batch that is its own grouped grid: two bmm, no scatter, no copy."""
+        first, count, per_slot, _ = self.context.layout
+        rank = self.context.rank
+        grid = x.view(count, per_slot, x.shape[-1])  # [S, n, in]
+        h = torch.bmm(grid, self.a[first : first + count, :rank].transpose(1, 2))  # [S, n, r]
+        y.view(count, per_slot, self.out_features).baddbmm_(h, self.bt[first : first + count, :rank])
+        return y
 
     @torch.no_grad()
     def load_slot(self, slot: int, a: torch.Tensor | None, bt: torch.Tensor | None) -> None:

@@ -72,3 +72,26 @@ def test_group_layout_places_each_token_in_its_slot_row() -> None:
     first, count, per_slot, cells = group_layout([3, 5, -1, 3, 4])
     assert (first, count, per_slot) == (3, 3, 2)
     assert cells == [0, 4, -1, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "slot_list", [[0, 0, 1, 1, 2, 2], [1, 2, 3], [2, 2, 2, 2], [0, 0, 1], [-1, 0, 1], [3, 1, 1, 0]]
+)
+def test_lora_layer_matches_reference_in_every_mode(slot_list: list[int]) -> None:
+    from loraswap.server.lora_layer import BatchedLoraLinear, LoraContext
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(48, 80, bias=True)
+    context = LoraContext()
+    layer = BatchedLoraLinear(base, num_slots=4, max_rank=8, context=context, dtype=torch.float32)
+    ranks = {0: 8, 1: 4, 2: 6, 3: 2}
+    for slot, rank in ranks.items():
+        layer.load_slot(slot, torch.randn(rank, 48), torch.randn(rank, 80))
+    x = torch.randn(len(slot_list), 48)
+    context.set_batch(slot_list, ranks, torch.device("cpu"), "reference")
+    expected = layer(x)
+    for mode in ("auto", "grouped", "bgmv", "sgmv"):
+        context.set_batch(slot_list, ranks, torch.device("cpu"), mode)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-4)
+    context.set_batch(slot_list, ranks, torch.device("cpu"), "auto")
+    assert context.in_place == (slot_list in ([0, 0, 1, 1, 2, 2], [1, 2, 3], [2, 2, 2, 2]))
