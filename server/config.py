@@ -26,6 +26,9 @@ class EngineConfig:
         max_queue: Requests waiting for admission; past it ``submit`` raises OverloadedError.
         prefill_chunk: Prompt tokens prefilled per step, shared by all prefilling sequences, so running
             decodes are never stalled by a long prompt.
+        prefill_policy: ``separate``: prefill steps and decode steps take turns, so a new request's first
+            token waits for at most one step and running decodes for at most one bounded prefill step;
+            ``mixed``: prefill chunks ride along with every decode step (fewer steps, later first tokens).
         host_cache_bytes: Byte budget of adapters kept in host RAM (LRU).
         tag_ttl_s: Seconds a resolved tag → digest mapping is trusted before asking the registry again.
         load_workers: Threads that fetch and parse adapters in the background.
@@ -43,6 +46,7 @@ class EngineConfig:
     max_seq_len: int = 1024
     max_queue: int = 256
     prefill_chunk: int = 512
+    prefill_policy: str = "separate"
     host_cache_bytes: int = 2 << 30
     tag_ttl_s: float = 5.0
     load_workers: int = 2
@@ -57,6 +61,8 @@ class EngineConfig:
                 out.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue < 0:
             out.append(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.prefill_policy not in ("separate", "mixed"):
+            out.append(f"prefill_policy must be separate or mixed, got {self.prefill_policy!r}")
         if self.lora_op not in LORA_OPS:
             out.append(f"lora_op must be one of {LORA_OPS}, got {self.lora_op!r}")
         return out

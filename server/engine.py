@@ -107,6 +107,7 @@ class Engine:
         self.step_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._last_step_prefilled = False
         self.draining = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -280,18 +281,24 @@ class Engine:
         self.observer.on_queue_depth(self.queue_depth())
 
     def _plan(self) -> list[tuple[RequestState, SeqChunk]]:
+        """This step's chunks. With the ``separate`` policy, prefill chunks and decode tokens take turns
+        (a new request's first token is not held up by a full decode batch, and decodes wait for at
+        most one bounded prefill step); with ``mixed`` they share every step."""
+        prefilling = [s for s in self._running if s.prefilling]
+        decoding = [s for s in self._running if not s.prefilling]
+        if self.config.prefill_policy == "separate" and prefilling and decoding:
+            run_prefill = not self._last_step_prefilled
+            prefilling, decoding = (prefilling, []) if run_prefill else ([], decoding)
+        plan = [(s, SeqChunk(s.row, s.next_input(1), s.cached, s.slot, True)) for s in decoding]
         budget = self.config.prefill_chunk
-        plan = []
-        for state in self._running:
-            if state.prefilling:
-                if budget <= 0:
-                    continue
-                tokens = state.next_input(budget)
-                budget -= len(tokens)
-                last = state.cached + len(tokens) == len(state.prompt_ids)
-            else:
-                tokens, last = state.next_input(1), True
+        for state in prefilling:
+            if budget <= 0:
+                break
+            tokens = state.next_input(budget)
+            budget -= len(tokens)
+            last = state.cached + len(tokens) == len(state.prompt_ids)
             plan.append((state, SeqChunk(state.row, tokens, state.cached, state.slot, last)))
+        self._last_step_prefilled = bool(prefilling)
         plan.sort(key=lambda item: chunk_order(item[1]))  # the order PackedForward runs them in
         return plan
 

@@ -372,3 +372,40 @@ def test_unsupported_bases_are_refused(tmp_path: Path) -> None:
     (base / "config.json").write_text(json.dumps(config))
     with pytest.raises(InvalidArgumentError, match="gpt2"):
         Engine(EngineConfig(base=str(base), quantization="fp32"))
+
+
+class StepRecorder:
+    """An EngineObserver that records each step's (batch size, prefill tokens)."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, int]] = []
+
+    def on_step(self, batch_size: int, distinct_adapters: int, prefill_tokens: int, seconds: float) -> None:
+        self.steps.append((batch_size, prefill_tokens))
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.parametrize("policy", ["separate", "mixed"])
+def test_prefill_policy_shapes_the_steps(tiny_base: Path, registry_with_adapters, policy: str) -> None:
+    recorder = StepRecorder()
+    config = EngineConfig(base=str(tiny_base), quantization="fp32", max_seq_len=96, prefill_policy=policy)
+    engine = Engine(config, observer=recorder, registry=registry_with_adapters[0])  # stepped by hand
+    first = engine.submit(GenerationRequest(prompt=PROMPTS[0], sampling=greedy(20)))
+    engine._waiting.extend(engine._incoming)
+    engine._incoming.clear()
+    engine.step()
+    engine.step()
+    engine.submit(GenerationRequest(prompt=PROMPTS[1], sampling=greedy(20)))
+    engine._waiting.extend(engine._incoming)
+    engine._incoming.clear()
+    engine.step()
+    engine.step()
+    prompt_len = len(engine.tokenizer(PROMPTS[1])["input_ids"])
+    if policy == "separate":  # the newcomer's prefill runs alone, then everyone decodes together
+        assert recorder.steps[2:] == [(1, prompt_len), (2, 0)]
+    else:  # the newcomer's prefill rides along with the running decode
+        assert recorder.steps[2:] == [(2, prompt_len), (2, 0)]
+    assert len(first.state.output_ids) == (4 if policy == "mixed" else 3)
+    engine.adapters.close()
