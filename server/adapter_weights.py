@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,15 +70,24 @@ def _pair_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str,
 
 
 def _module_problems(module: str, a: torch.Tensor, b: torch.Tensor, rank: int, base: BaseShape) -> list[str]:
-    """Rank and value checks of one module (dimensions against the base: ``base_compat_problems``)."""
+    """Rank checks of one module (dimensions against the base: ``base_compat_problems``)."""
     problems = []
     if a.shape[0] != rank or b.shape[-1] != rank:
         problems.append(f"{module}: A/B ranks {a.shape[0]}/{b.shape[-1]} differ from its rank {rank}")
     if rank > base.max_rank:
         problems.append(f"{module}: rank {rank} is over the server's max rank {base.max_rank}")
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        problems.append(f"{module}: weights contain NaN or Inf")
     return problems
+
+
+def non_finite_modules(pairs: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+    """Modules whose A or B holds NaN/Inf: one max-abs pass over everything (NaN propagates through
+    ``amax``), per-module only when that finds something."""
+    tensors = [t.reshape(-1) for ab in pairs.values() for t in ab.values()]
+    if not tensors or math.isfinite(float(torch.cat(tensors).abs().amax())):
+        return []
+    return [
+        m for m, ab in sorted(pairs.items()) if not all(bool(torch.isfinite(t).all()) for t in ab.values())
+    ]
 
 
 def read_host_adapter(
@@ -101,6 +111,7 @@ def read_host_adapter(
         raise AdapterValidationError(f"adapter {name!r} has malformed weights", problems)
     shapes = {key: list(t.shape) for key, t in tensors.items()}
     problems = base_compat_problems(config, shapes, base.weight_shapes())
+    problems += [f"{module}: weights contain NaN or Inf" for module in non_finite_modules(pairs)]
     if fingerprint and fingerprint != base.fingerprint:
         problems.append(f"it was made for base {fingerprint}, the server runs {base.fingerprint}")
     modules = {}
@@ -109,10 +120,8 @@ def read_host_adapter(
         found = _module_problems(module, ab["A"], ab["B"], rank, base)
         problems += found
         if not found and module in base.modules:
-            scale = config.scaling_of(module)
-            a = ab["A"].to(torch.float32)
-            bt = (ab["B"].to(torch.float32) * scale).T
-            modules[module] = (a.to(dtype).contiguous(), bt.to(dtype).contiguous())
+            scaled_b = ab["B"] * config.scaling_of(module)  # in the file's dtype: one rounding
+            modules[module] = (ab["A"].to(dtype), scaled_b.to(dtype).T)  # B^T as a view: no extra copy
     if problems:
         raise IncompatibleAdapterError(f"adapter {name!r} cannot run on this server", problems)
     rank = max(a.shape[0] for a, _ in modules.values())
