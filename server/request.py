@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -84,6 +85,19 @@ class RequestHandle:
         """Yield token events as they come; the last carries ``result``. Raises the request's error."""
         while not self._done:
             item = self._state.events.get(timeout=timeout)
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            if item.result is not None:
+                self._done = True
+                self._result = item.result
+            yield item
+
+    async def aevents(self) -> AsyncIterator[TokenEvent]:
+        """The same events as :meth:`events`, for asyncio callers (waits off the event loop)."""
+        loop = asyncio.get_running_loop()
+        while not self._done:
+            item = await loop.run_in_executor(None, self._state.events.get)
             if isinstance(item, BaseException):
                 self._done = True
                 raise item

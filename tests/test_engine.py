@@ -409,3 +409,15 @@ def test_prefill_policy_shapes_the_steps(tiny_base: Path, registry_with_adapters
         assert recorder.steps[2:] == [(2, prompt_len), (2, 0)]
     assert len(first.state.output_ids) == (4 if policy == "mixed" else 3)
     engine.adapters.close()
+
+
+def test_async_streaming(engine: Engine) -> None:
+    import asyncio
+
+    async def collect() -> list:
+        handle = engine.submit(GenerationRequest(adapter="r4-qv", prompt=PROMPTS[3], sampling=greedy(5)))
+        return [event async for event in handle.aevents()]
+
+    events = asyncio.run(collect())
+    assert events[-1].finished and sum(len(e.token_ids) for e in events) == 5
+    assert "".join(e.text for e in events) == events[-1].result.text
