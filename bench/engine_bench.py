@@ -73,34 +73,40 @@ def peft_one_at_a_time(
 
 
 def ttft_idle_vs_busy(engine: Engine, adapters: list[str], new_tokens: int) -> tuple[float, float]:
+    """Median time to first token of a probe on an idle engine, and while the others all decode."""
     probe = requests([adapters[0]], 4)[0]
-    idle = statistics.median(engine.generate(probe).timings.ttft_s for _ in range(3))
-    busy_reqs = requests(adapters[1:], new_tokens * 4)
-    handles = [engine.submit(r) for r in busy_reqs]
+    idle = statistics.median(engine.generate(probe).timings.ttft_s for _ in range(5))
+    handles = [engine.submit(r) for r in requests(adapters[1:], new_tokens * 8)]
     for handle in handles:
         next(handle.events(timeout=600))  # every one of them is decoding now
-    busy = engine.generate(probe).timings.ttft_s
+    busy = []
+    for _ in range(5):
+        busy.append(engine.generate(probe).timings.ttft_s)
+        time.sleep(0.05)  # arrive at a different point of the running step each time
     for handle in handles:
         handle.cancel()
-    return idle, busy
+    return idle, statistics.median(busy)
 
 
-def activation_times(engine: Engine, registry, name: str) -> dict[str, float]:
-    """Cold (local disk → slot) and warm (host → slot) activation vs a bare safetensors read."""
-    folder = registry.pull(name)  # on local disk, not yet in host or device tiers
-    start = time.perf_counter()
-    load_file(str(folder / "adapter_model.safetensors"))
-    bare = time.perf_counter() - start
-    start = time.perf_counter()
-    engine.load_adapter(name, "device")
-    cold = time.perf_counter() - start
-    digest = registry.resolve(name).digest
-    with engine.step_lock:
-        engine.adapters.slots.remove(digest)  # keep the host copy: the next activation is warm
-    start = time.perf_counter()
-    engine.load_adapter(name, "device")
-    warm = time.perf_counter() - start
-    return {"bare_read_s": bare, "cold_s": cold, "warm_s": warm}
+def activation_times(engine: Engine, registry, names: list[str]) -> dict[str, float]:
+    """Median cold (local disk → slot) and warm (host → slot) activation vs a bare safetensors read."""
+    bare, cold, warm = [], [], []
+    for name in names:
+        folder = registry.pull(name)  # on local disk, not yet in host or device tiers
+        start = time.perf_counter()
+        load_file(str(folder / "adapter_model.safetensors"))
+        bare.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        engine.load_adapter(name, "device")
+        cold.append(time.perf_counter() - start)
+        digest = registry.resolve(name).digest
+        with engine.step_lock:
+            engine.adapters.slots.remove(digest)  # keep the host copy: the next activation is warm
+        start = time.perf_counter()
+        engine.load_adapter(name, "device")
+        warm.append(time.perf_counter() - start)
+    med = statistics.median
+    return {"bare_read_s": med(bare), "cold_s": med(cold), "warm_s": med(warm)}
 
 
 def memory_per_adapter(engine: Engine, registry, name: str) -> dict[str, int]:
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     registry = open_registry(work / "registry")
     n = args.requests
     folders = {}
-    for i in range(n + 1):
+    for i in range(n + 5):
         folders[f"task{i}"] = write_adapter(work / f"task{i}", base.path, seed=i, rank=16, targets=ALL)
         registry.push(folders[f"task{i}"], f"task{i}", base=base)
     config = EngineConfig(
@@ -135,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(config, registry=registry)
     engine.start()
     report: dict[str, object] = {"device": str(engine.device), "quantization": engine.loaded.quantization}
-    activation = activation_times(engine, registry, f"task{n}")
+    activation = activation_times(engine, registry, [f"task{n + i}" for i in range(5)])
     report["memory"] = memory_per_adapter(engine, registry, f"task{n}")
     mixed = [f"task{i}" for i in range(n)]
     for name in mixed:
@@ -197,14 +203,14 @@ def print_report(r: dict) -> None:
          f"{r['mixed_tps'] / r['base_tps']:.2f}x (target >= 0.8)"),
         ("2. engine mixed vs naive PEFT", f"{r['mixed_tps']:.1f} vs {r['peft_naive_tps']:.1f} tok/s",
          f"{r['mixed_tps'] / r['peft_naive_tps']:.2f}x (target >= 5)"),
-        ("3. TTFT busy (31 decoding) vs idle", f"{r['ttft_busy_s'] * 1e3:.0f} vs {r['ttft_idle_s'] * 1e3:.0f} ms",
+        ("3. TTFT, 31 decoding vs idle", f"{r['ttft_busy_s'] * 1e3:.0f} vs {r['ttft_idle_s'] * 1e3:.0f} ms",
          f"{r['ttft_busy_s'] / r['ttft_idle_s']:.2f}x (target <= 2)"),
         ("4. cold activation vs bare read", f"{r['cold_s'] * 1e3:.1f} vs {r['bare_read_s'] * 1e3:.1f} ms",
          f"{r['cold_s'] / r['bare_read_s']:.2f}x (target <= 1.5)"),
         ("4. warm activation (host -> slot), r16", f"{r['warm_s'] * 1e3:.2f} ms", ""),
-        ("5. 100 distinct of 1000 (cold) vs 1 adapter", f"{r['many_cold_tps']:.1f} vs {r['many_one_tps']:.1f} tok/s",
+        ("5. 100 of 1000 (cold) vs 1 adapter", f"{r['many_cold_tps']:.1f} vs {r['many_one_tps']:.1f} tok/s",
          f"{r['many_cold_tps'] / r['many_one_tps']:.2f}x (target >= 0.8)"),
-        ("5. 100 distinct of 1000 (warm) vs 1 adapter", f"{r['many_warm_tps']:.1f} vs {r['many_one_tps']:.1f} tok/s",
+        ("5. 100 of 1000 (warm) vs 1 adapter", f"{r['many_warm_tps']:.1f} vs {r['many_one_tps']:.1f} tok/s",
          f"{r['many_warm_tps'] / r['many_one_tps']:.2f}x (target >= 0.8)"),
         ("memory: host copy vs file", f"{m['host_bytes']} vs {m['file_bytes']} B",
          f"{m['host_bytes'] / m['file_bytes']:.3f}x"),
