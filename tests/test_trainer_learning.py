@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from loraswap.trainer.probe import learning_check
+from loraswap.trainer.probe import ProbeResult, learning_check
 
 DATA = Path(__file__).parent / "data" / "secret_codes.jsonl"
 
@@ -29,3 +29,47 @@ def test_smollm2_learns_the_secret_codes(smollm2_dir: Path, tmp_path: Path) -> N
     assert check.tuned.matches == len(check.tuned.prompts), list(
         zip(check.tuned.answers, check.tuned.expected, strict=True)
     )
+
+    # The same adapter, pushed to the registry and served over real gRPC, answers like PEFT did.
+    served_base, served_tuned = serve_and_ask(smollm2_dir, check.output, tmp_path / "registry", check.tuned)
+    assert served_base.matches == 0, served_base.answers
+    assert served_tuned.matches == len(served_tuned.prompts), served_tuned.answers
+
+
+def serve_and_ask(base_dir: Path, adapter: Path, registry_dir: Path, asked: ProbeResult) -> tuple:
+    """Push ``adapter``, start ``loraswap serve``'s server on 127.0.0.1, ask the base and the adapter."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loraswap.models import resolve_base
+    from loraswap.registry import open_registry
+    from loraswap.server.api import SamplingParams
+    from loraswap.server.client import Client
+    from loraswap.server.config import EngineConfig
+    from loraswap.server.engine import Engine
+    from loraswap.server.grpc_server import GrpcServer
+    from loraswap.server.metrics import Metrics
+    from loraswap.server.settings import ServeSettings
+
+    manifest = open_registry(registry_dir).push(adapter, "codes", tags=["prod"], base=resolve_base(base_dir))
+    assert (
+        manifest.training is not None and manifest.training["base_fingerprint"] == manifest.base_fingerprint
+    )
+    engine_config = EngineConfig(base=str(base_dir), registry=str(registry_dir), max_seq_len=128)
+    settings = ServeSettings(engine=engine_config, port=0, metrics_port=-1)
+    metrics = Metrics()
+    server = GrpcServer(settings, metrics)
+    port = server.start()
+    engine = Engine(engine_config, observer=metrics)
+    engine.start()
+    server.attach(engine)
+    params = SamplingParams(max_new_tokens=16, stop=("\n",))
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=300) as client, ThreadPoolExecutor(8) as pool:
+
+            def ask(ref: str) -> ProbeResult:
+                calls = [pool.submit(client.generate, p, adapter=ref, sampling=params) for p in asked.prompts]
+                return ProbeResult(asked.prompts, asked.expected, [c.result().text for c in calls])
+
+            return ask(""), ask("codes:prod")
+    finally:
+        server.shutdown(grace=5)
