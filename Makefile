@@ -28,4 +28,4 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 bench: setup
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.engine_bench
