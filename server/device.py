@@ -24,11 +24,6 @@ def pick_device(requested: str | None) -> torch.device:
     return torch.device("cuda") if cuda_available() else torch.device("cpu")
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def device_memory(device: torch.device) -> tuple[int, int] | None:
     """(used, total) bytes of a CUDA device; None on CPU."""
     if device.type != "cuda":

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loraswap.errors import CancelledError, LoraswapError
+from loraswap.errors import CancelledError
 from loraswap.server.adapter_weights import HostAdapter
 from loraswap.server.api import FinishReason, GenerationRequest, GenerationResult, Timings, TokenEvent, now
 from loraswap.server.detok import TextStream
@@ -121,7 +121,3 @@ class RequestHandle:
     @property
     def state(self) -> RequestState:
         return self._state
-
-
-def is_domain_error(error: BaseException) -> bool:
-    return isinstance(error, LoraswapError)
