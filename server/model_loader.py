@@ -10,6 +10,7 @@ from torch import nn
 
 from loraswap.errors import InvalidArgumentError
 from loraswap.models import BaseModelRef
+from loraswap.models.quantization import bnb_config
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +41,6 @@ def default_quantization(device: torch.device) -> str:
     return "nf4" if device.type == "cuda" else "bf16"
 
 
-def _bnb_config(quantization: str):
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "nf4":
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
 def load_base(ref: BaseModelRef, quantization: str, device: torch.device) -> LoadedBase:
     """Load ``ref`` once. Quantized variants go through bitsandbytes; the others are plain dtypes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -64,7 +52,7 @@ def load_base(ref: BaseModelRef, quantization: str, device: torch.device) -> Loa
     elif quantization in ("nf4", "int8"):
         dtype = torch.bfloat16
         model = AutoModelForCausalLM.from_pretrained(
-            ref.path, dtype=dtype, quantization_config=_bnb_config(quantization), device_map={"": str(device)}
+            ref.path, dtype=dtype, quantization_config=bnb_config(quantization), device_map={"": str(device)}
         )
     else:
         raise InvalidArgumentError(f"unknown quantization {quantization!r}")

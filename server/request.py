@@ -84,27 +84,23 @@ class RequestHandle:
     def events(self, timeout: float | None = None) -> Iterator[TokenEvent]:
         """Yield token events as they come; the last carries ``result``. Raises the request's error."""
         while not self._done:
-            item = self._state.events.get(timeout=timeout)
-            if isinstance(item, BaseException):
-                self._done = True
-                raise item
-            if item.result is not None:
-                self._done = True
-                self._result = item.result
-            yield item
+            yield self._take(self._state.events.get(timeout=timeout))
 
     async def aevents(self) -> AsyncIterator[TokenEvent]:
         """The same events as :meth:`events`, for asyncio callers (waits off the event loop)."""
         loop = asyncio.get_running_loop()
         while not self._done:
-            item = await loop.run_in_executor(None, self._state.events.get)
-            if isinstance(item, BaseException):
-                self._done = True
-                raise item
-            if item.result is not None:
-                self._done = True
-                self._result = item.result
-            yield item
+            yield self._take(await loop.run_in_executor(None, self._state.events.get))
+
+    def _take(self, item: TokenEvent | BaseException) -> TokenEvent:
+        """Account for one queued item: an error ends the stream by raising, a result ends it normally."""
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item.result is not None:
+            self._done = True
+            self._result = item.result
+        return item
 
     def result(self, timeout: float | None = None) -> GenerationResult:
         """Block until the request ends; return its result (raises its error)."""

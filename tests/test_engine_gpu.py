@@ -54,7 +54,9 @@ def test_quantized_cuda_base_unchanged_after_200_loads(
 
 def test_nf4_engine_matches_peft_on_the_same_nf4_base(tiny_base: Path, gpu_registry, make_adapter) -> None:
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
+
+    from loraswap.models.quantization import bnb_config
 
     engine = Engine(
         EngineConfig(base=str(tiny_base), quantization="nf4", max_seq_len=64), registry=gpu_registry
@@ -65,14 +67,8 @@ def test_nf4_engine_matches_peft_on_the_same_nf4_base(tiny_base: Path, gpu_regis
             GenerationRequest(adapter="g0", prompt=PROMPT, sampling=SamplingParams(max_new_tokens=8))
         )
         ids = engine.tokenizer(PROMPT, return_tensors="pt")["input_ids"].cuda()
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
         base = AutoModelForCausalLM.from_pretrained(
-            tiny_base, dtype=torch.bfloat16, quantization_config=quant, device_map={"": "cuda"}
+            tiny_base, dtype=torch.bfloat16, quantization_config=bnb_config("nf4"), device_map={"": "cuda"}
         )
         oracle = PeftModel.from_pretrained(
             base, make_adapter(r=8, target_modules=("q_proj", "v_proj"), seed=40)

@@ -44,7 +44,9 @@ def test_thousand_load_unload_cycles_return_memory(tiny_base: Path, tmp_path: Pa
         folder = write_adapter(tmp_path / f"src{i}", i, config["hidden_size"], config["num_hidden_layers"])
         names.append(registry.push(folder, f"a{i}").name)
     engine = Engine(
-        EngineConfig(base=str(tiny_base), quantization="fp32", adapter_slots=4, max_batch_size=2, max_seq_len=32),
+        EngineConfig(
+            base=str(tiny_base), quantization="fp32", adapter_slots=4, max_batch_size=2, max_seq_len=32
+        ),
         registry=registry,
     )
     try:

@@ -48,7 +48,9 @@ def test_embedded_default_converts_once_and_generates(smollm2_dir: Path) -> None
     assert tokenizer.chat_template
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16)
     prompt = [{"role": "user", "content": "What is the capital of France?"}]
-    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tokenizer.apply_chat_template(
+        prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out = model.generate(ids["input_ids"], max_new_tokens=8, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
 

@@ -72,17 +72,13 @@ def _load_full_precision(config: TrainConfig, base_path: Path, device) -> Any:
 def _load_4bit(config: TrainConfig, base_path: Path, device) -> Any:
     import torch
     from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
+    from loraswap.models.quantization import bnb_config
+
     model = AutoModelForCausalLM.from_pretrained(
         base_path,
-        quantization_config=quantization,
+        quantization_config=bnb_config("nf4"),
         dtype=torch.bfloat16,
         device_map={"": device.index or 0},
     )
