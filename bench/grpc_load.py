@@ -16,12 +16,10 @@ import asyncio
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections import Counter
@@ -34,6 +32,7 @@ from loraswap.models import resolve_base
 from loraswap.registry import open_registry
 from loraswap.server.api import SamplingParams
 from loraswap.server.client import AsyncClient
+from loraswap.server.launch import start_serve
 
 PROMPTS = [
     "The quick brown fox",
@@ -72,36 +71,11 @@ def start_server(
     base_dir: Path, registry: Path, home: Path, slots: int, batch: int
 ) -> tuple[subprocess.Popen, str, str]:
     env = {**os.environ, "LORASWAP_HOME": str(home)}
-    command = [
-        sys.executable,
-        "-m",
-        "loraswap.cli",
-        "serve",
-        "--base",
-        str(base_dir),
-        "--registry",
-        str(registry),
-    ]
-    command += ["--port", "0", "--metrics-port", "0", "--adapter-slots", str(slots), "--max-rank", "16"]
-    command += ["--max-batch-size", str(batch), "--max-seq-len", "256", "--max-queue", "1024"]
-    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        for line in proc.stderr or ():
-            lines.append(line)
-            if "serving on" in line:
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not ready.wait(600):
-        proc.kill()
-        raise RuntimeError("server did not start:\n" + "".join(lines))
-    text = "".join(lines)
-    port = re.search(r"serving on [\d.]+:(\d+)", text).group(1)
-    metrics_port = re.search(r"metrics: (\d+)", text).group(1)
-    return proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
+    args = ["--base", str(base_dir), "--registry", str(registry), "--port", "0", "--metrics-port", "0"]
+    args += ["--adapter-slots", str(slots), "--max-rank", "16", "--max-batch-size", str(batch)]
+    args += ["--max-seq-len", "256", "--max-queue", "1024"]
+    server = start_serve(args, env)
+    return server.proc, server.target, server.metrics_url
 
 
 async def client_loop(

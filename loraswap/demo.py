@@ -13,13 +13,13 @@ from __future__ import annotations
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
+
+from loraswap.server.launch import start_serve
 
 DATA = Path(__file__).parent / "demo_data"
 TASKS = {
@@ -39,32 +39,6 @@ def loraswap(*args: str, env: dict[str, str]) -> None:
     subprocess.run([sys.executable, "-m", "loraswap.cli", *args], env=env, check=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_health(target: str, timeout: float = 300.0) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                if (
-                    stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
-    raise RuntimeError(f"the server on {target} did not become healthy in {timeout:.0f}s")
-
-
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="loraswap-demo-"))
     env = {**os.environ, "LORASWAP_REGISTRY": str(work / "registry")}
@@ -75,27 +49,25 @@ def main() -> int:
                  *TRAIN_FLAGS, env=env)  # fmt: skip
     loraswap("registry", "list", env=env)
     loraswap("registry", "show", "secret-codes:demo", env=env)
-    port, metrics_port = free_port(), free_port()
-    target = f"127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "loraswap.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--metrics-port", str(metrics_port), "--base", "default"],
-        env=env,
-    )  # fmt: skip
+    print("\n$ loraswap serve --host 127.0.0.1 --port 0 --metrics-port 0 --base default", flush=True)
+    server = start_serve(
+        ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--base", "default"], env
+    )
+    target = server.target
     try:
-        wait_for_health(target)
         for name, (_, prompt) in TASKS.items():
             for adapter in (f"{name}:demo", ""):
                 loraswap("generate", "--target", target, "--adapter", adapter, "--max-new-tokens", "20",
                          "--stop", "\n", prompt, env=env)  # fmt: skip
         loraswap("adapters", "list", "--target", target, env=env)
         loraswap("info", "--target", target, env=env)
-        print(f"\n$ curl http://127.0.0.1:{metrics_port}/metrics | grep loraswap_adapter_cache", flush=True)
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        print(f"\n$ curl {server.metrics_url} | grep loraswap_adapter_cache", flush=True)
+        text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
         print("\n".join(line for line in text.splitlines() if line.startswith("loraswap_adapter_cache")))
     finally:
-        server.send_signal(signal.SIGTERM)
+        server.proc.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
+        print("\n[server log]\n" + "".join(server.log), end="")
     print(f"\ndemo finished; registry and adapters are in {work}")
     return 0
 

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,6 +15,7 @@ from loraswap.models import resolve_base
 from loraswap.registry import open_registry
 from loraswap.server.api import SamplingParams
 from loraswap.server.client import Client, ServerError
+from loraswap.server.launch import start_serve
 
 pytestmark = pytest.mark.slow
 
@@ -32,32 +29,11 @@ def test_serve_drains_in_flight_requests_on_sigterm(tiny_base: Path, make_adapte
     config.write_text(f"port: 0\nmetrics_port: -1\nengine:\n  base: {tiny_base}\n  adapter_slots: 2\n")
     env = {**os.environ, "LORASWAP_HOME": str(tmp_path / "home"), "LORASWAP_MAX_RANK": "8"}
     env["LORASWAP_QUANTIZATION"] = "fp32"
-    command = [
-        sys.executable,
-        "-m",
-        "loraswap.cli",
-        "serve",
-        "--config",
-        str(config),
-        "--registry",
-        str(registry),
-    ]
-    command += ["--max-seq-len", "1100", "--max-new-tokens", "1000", "--grace-seconds", "30"]
-    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        for line in proc.stderr or ():
-            lines.append(line)
-            if "serving on" in line:
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    args = ["--config", str(config), "--registry", str(registry)]
+    args += ["--max-seq-len", "1100", "--max-new-tokens", "1000", "--grace-seconds", "30"]
+    server = start_serve(args, env, timeout=120)
     try:
-        assert ready.wait(120), "".join(lines)
-        port = re.search(r"serving on [\d.]+:(\d+)", "".join(lines)).group(1)
-        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+        with Client(server.target, timeout=60) as client:
             info = client.info()
             assert info.max_rank == 8 and info.adapter_slots == 2 and info.quantization == "fp32"
             stream = client.stream(
@@ -66,7 +42,7 @@ def test_serve_drains_in_flight_requests_on_sigterm(tiny_base: Path, make_adapte
                 sampling=SamplingParams(1000, ignore_eos=True),  # >= 0.8 s
             )
             first = next(stream)
-            proc.send_signal(signal.SIGTERM)
+            server.proc.send_signal(signal.SIGTERM)
             health = health_pb2_grpc.HealthStub(client.channel)
             request = health_pb2.HealthCheckRequest()
             deadline = time.monotonic() + 5
@@ -77,13 +53,11 @@ def test_serve_drains_in_flight_requests_on_sigterm(tiny_base: Path, make_adapte
                 client.generate("hi", sampling=SamplingParams(2))
             assert refused.value.code == grpc.StatusCode.UNAVAILABLE
             rest = list(stream)
-        assert proc.wait(timeout=60) == 0
+        assert server.wait(timeout=60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        server.kill()
     result = rest[-1].result
     assert result is not None and result.finish_reason == "length" and result.completion_tokens == 1000
     assert first.text + "".join(e.text for e in rest) == result.text
-    log = "".join(lines)
+    log = "".join(server.log)
     assert "draining" in log and "stopped" in log
