@@ -111,7 +111,7 @@ def activation_times(engine: Engine, registry, names: list[str]) -> dict[str, fl
 
 def memory_per_adapter(engine: Engine, registry, name: str) -> dict[str, int]:
     digest = registry.resolve(name).digest
-    host = engine.adapters.host.get(digest)
+    host = engine.adapters.host.peek(digest)
     slot_bytes = sum(layer.slot_bytes() for layer in engine.adapters.layers.values())
     return {"file_bytes": host.file_bytes, "host_bytes": host.nbytes, "device_slot_bytes": slot_bytes}
 

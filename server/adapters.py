@@ -210,7 +210,7 @@ class AdapterManager:
         tiers: list[Tier] = []
         if digest in self.slots:
             tiers.append("device")
-        host = self.host.get(digest)
+        host = self.host.peek(digest)
         if host is not None:
             tiers.append("host")
         if (paths.adapter_cache_dir() / digest.split(":")[-1]).is_dir():

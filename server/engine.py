@@ -212,12 +212,9 @@ class Engine:
             with self._cv:
                 while not self._stopping and not self._running and not self._ready_waiting():
                     self._cv.wait(timeout=0.05)
-                    self._waiting.extend(self._incoming)
-                    self._incoming.clear()
                 if self._stopping:
                     return
-                self._waiting.extend(self._incoming)
-                self._incoming.clear()
+                self.take_incoming()
             try:
                 with self.step_lock:
                     self.step()
@@ -228,6 +225,11 @@ class Engine:
                         state.fail(RuntimeError("internal error while generating"))
                         self._release(state)
                     self._running.clear()
+
+    def take_incoming(self) -> None:
+        """Move submitted requests to the waiting list (the step loop does this before every step)."""
+        self._waiting.extend(self._incoming)
+        self._incoming.clear()
 
     def _ready_waiting(self) -> bool:
         return bool(self._incoming) or any(s.adapter is None or s.adapter.done() for s in self._waiting)
@@ -242,7 +244,7 @@ class Engine:
         plan = self._plan()
         logits = self.forward([chunk for _, chunk in plan])
         self._advance(plan, logits)
-        distinct = len({s.slot for s in self._running if s.slot >= 0})
+        distinct = len({c.slot for _, c in plan if c.slot >= 0})
         prefill = sum(len(c.token_ids) for _, c in plan if len(c.token_ids) > 1)
         self.observer.on_step(len(plan), distinct, prefill, time.perf_counter() - started)
 

@@ -25,6 +25,10 @@ class HostCache:
     def nbytes(self) -> int:
         return sum(item.nbytes for item in self._items.values())
 
+    def peek(self, digest: str) -> HostAdapter | None:
+        """The entry without counting it as a use (for listings and metrics scrapes)."""
+        return self._items.get(digest)
+
     def get(self, digest: str) -> HostAdapter | None:
         item = self._items.get(digest)
         if item is not None:

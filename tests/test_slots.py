@@ -58,3 +58,11 @@ def test_host_cache_evicts_lru_within_budget_and_keeps_pinned() -> None:
     assert cache.put(_adapter("e", 100), keep={"a"}) == ["d"]
     assert set(item.digest for item in cache.items()) == {"a", "b", "e"}
     assert cache.nbytes <= cache.budget
+
+
+def test_host_cache_peek_does_not_refresh_lru_order() -> None:
+    cache = HostCache(budget_bytes=2 * 400)
+    cache.put(_adapter("a", 100))
+    cache.put(_adapter("b", 100))
+    assert cache.peek("a") is not None  # a listing looks at a: it stays the oldest
+    assert cache.put(_adapter("c", 100)) == ["a"]
