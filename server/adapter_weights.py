@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from loraswap.adapter_format import ADAPTER_WEIGHTS, parse_lora_key, read_adapter_config
 from loraswap.errors import AdapterValidationError, IncompatibleAdapterError
-from loraswap.registry.validate import base_compat_problems
+from loraswap.registry.validate import base_compat_problems, lora_shape_problems
 
 
 @dataclass
@@ -52,31 +52,13 @@ class BaseShape:
         return {f"{m}.weight": [out_f, in_f] for m, (in_f, out_f) in self.modules.items()}
 
 
-def _pair_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+def _pair_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module: {"A": tensor, "B": tensor}}`` of tensors already checked by ``lora_shape_problems``."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    problems = []
     for key, tensor in tensors.items():
-        parsed = parse_lora_key(key)
-        if parsed is None:
-            problems.append(f"tensor {key!r} is not a LoRA A/B weight")
-            continue
-        pairs.setdefault(parsed[0], {})[parsed[1]] = tensor
-    problems += [
-        f"{module}: lora_{'B' if 'A' in ab else 'A'} is missing"
-        for module, ab in pairs.items()
-        if len(ab) != 2
-    ]
-    return pairs, problems
-
-
-def _module_problems(module: str, a: torch.Tensor, b: torch.Tensor, rank: int, base: BaseShape) -> list[str]:
-    """Rank checks of one module (dimensions against the base: ``base_compat_problems``)."""
-    problems = []
-    if a.shape[0] != rank or b.shape[-1] != rank:
-        problems.append(f"{module}: A/B ranks {a.shape[0]}/{b.shape[-1]} differ from its rank {rank}")
-    if rank > base.max_rank:
-        problems.append(f"{module}: rank {rank} is over the server's max rank {base.max_rank}")
-    return problems
+        module, ab = parse_lora_key(key)
+        pairs.setdefault(module, {})[ab] = tensor
+    return pairs
 
 
 def non_finite_modules(pairs: dict[str, dict[str, torch.Tensor]]) -> list[str]:
@@ -106,10 +88,11 @@ def read_host_adapter(
     if problems or config is None:
         raise AdapterValidationError(f"adapter {name!r} is not a valid LoRA adapter", problems)
     tensors = load_file(str(weights))
-    pairs, problems = _pair_tensors(tensors)
+    shapes = {key: list(t.shape) for key, t in tensors.items()}
+    problems = lora_shape_problems(config, shapes)
     if problems:
         raise AdapterValidationError(f"adapter {name!r} has malformed weights", problems)
-    shapes = {key: list(t.shape) for key, t in tensors.items()}
+    pairs = _pair_tensors(tensors)
     problems = base_compat_problems(config, shapes, base.weight_shapes())
     problems += [f"{module}: weights contain NaN or Inf" for module in non_finite_modules(pairs)]
     if fingerprint and fingerprint != base.fingerprint:
@@ -117,9 +100,9 @@ def read_host_adapter(
     modules = {}
     for module, ab in sorted(pairs.items()):
         rank = config.rank_of(module)
-        found = _module_problems(module, ab["A"], ab["B"], rank, base)
-        problems += found
-        if not found and module in base.modules:
+        if rank > base.max_rank:
+            problems.append(f"{module}: rank {rank} is over the server's max rank {base.max_rank}")
+        elif module in base.modules:
             scaled_b = ab["B"] * config.scaling_of(module)  # in the file's dtype: one rounding
             modules[module] = (ab["A"].to(dtype), scaled_b.to(dtype).T)  # B^T as a view: no extra copy
     if problems:
