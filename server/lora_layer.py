@@ -37,6 +37,7 @@ class LoraContext:
         in_place: The tokens already form the grouped op's grid (sorted by slot, every slot of the range
             with the same token count), so LoRA layers add their delta into the output in place.
         op: The op chosen for this batch.
+        used: The slots the batch uses; a layer none of whose filled slots is among them skips LoRA.
     """
 
     slots: torch.Tensor | None = None
@@ -45,11 +46,13 @@ class LoraContext:
     layout: tuple[int, int, int, torch.Tensor] | None = None
     in_place: bool = False
     op: Callable[..., torch.Tensor] | None = None
+    used: frozenset[int] = frozenset()
 
     def set_batch(self, slot_list: list[int], ranks: dict[int, int], device: torch.device, mode: str) -> None:
         """Prepare for a forward over tokens whose slots are ``slot_list``."""
         self.slots = torch.tensor(slot_list, dtype=torch.long, device=device)
         self.runs = segments(slot_list)
+        self.used = frozenset(s for s in slot_list if s >= 0)
         self.rank = max((ranks[s] for s in set(slot_list) if s >= 0), default=0)
         found = group_layout(slot_list)
         grid_cells = found[1] * found[2] if found else 0
@@ -66,7 +69,7 @@ class LoraContext:
 
     def clear(self) -> None:
         self.slots, self.runs, self.rank, self.layout, self.op = None, [], 0, None, None
-        self.in_place = False
+        self.in_place, self.used = False, frozenset()
 
 
 def choose_op(
@@ -113,12 +116,13 @@ class BatchedLoraLinear(nn.Module):
         self.register_buffer(
             "bt", torch.zeros(num_slots, max_rank, self.out_features, dtype=dtype, device=device)
         )
+        self.filled: dict[int, int] = {}  # slot -> rows holding weights; rows past it (and other slots) are 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         ctx = self.context
-        if ctx.op is None:
-            return y
+        if ctx.op is None or ctx.used.isdisjoint(self.filled):
+            return y  # no adapter of this batch targets this layer
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).to(self.a.dtype)  # [T, in]
         if ctx.in_place and y.dtype == self.bt.dtype:
@@ -142,13 +146,19 @@ class BatchedLoraLinear(nn.Module):
 
     @torch.no_grad()
     def load_slot(self, slot: int, a: torch.Tensor | None, bt: torch.Tensor | None) -> None:
-        """Copy ``a: [r, in]`` and ``bt: [r, out]`` (scaled) into ``slot``; None clears the slot."""
-        self.a[slot].zero_()
-        self.bt[slot].zero_()
-        if a is not None and bt is not None:
-            rank = a.shape[0]
+        """Copy ``a: [r, in]`` and ``bt: [r, out]`` (scaled) into ``slot``; None clears the slot.
+
+        Only rows that held weights are zeroed, so activating an adapter that leaves this layer alone
+        costs nothing here."""
+        old = self.filled.pop(slot, 0)
+        rank = a.shape[0] if a is not None and bt is not None else 0
+        if rank:
             self.a[slot, :rank].copy_(a, non_blocking=True)
             self.bt[slot, :rank].copy_(bt, non_blocking=True)
+            self.filled[slot] = rank
+        if old > rank:
+            self.a[slot, rank:old].zero_()
+            self.bt[slot, rank:old].zero_()
 
     def slot_bytes(self) -> int:
         return (self.a[0].numel() + self.bt[0].numel()) * self.a.element_size()

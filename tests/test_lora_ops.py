@@ -95,3 +95,38 @@ def test_lora_layer_matches_reference_in_every_mode(slot_list: list[int]) -> Non
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-4)
     context.set_batch(slot_list, ranks, torch.device("cpu"), "auto")
     assert context.in_place == (slot_list in ([0, 0, 1, 1, 2, 2], [1, 2, 3], [2, 2, 2, 2]))
+
+
+def test_reloading_a_slot_with_a_lower_rank_or_nothing_leaves_no_stale_rows() -> None:
+    from loraswap.server.lora_layer import BatchedLoraLinear, LoraContext
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(48, 80, bias=False)
+    context = LoraContext()
+    layer = BatchedLoraLinear(base, num_slots=2, max_rank=8, context=context, dtype=torch.float32)
+    x = torch.randn(3, 48)
+    layer.load_slot(1, torch.randn(8, 48), torch.randn(8, 80))
+    a, bt = torch.randn(2, 48), torch.randn(2, 80)
+    layer.load_slot(1, a, bt)  # rank 8 -> rank 2: rows 2..7 must be zero again
+    assert layer.filled == {1: 2}
+    assert not layer.a[1, 2:].any() and not layer.bt[1, 2:].any()
+    context.set_batch([1, 1, 1], {1: 8}, torch.device("cpu"), "auto")  # rank 8 on purpose: padding is read
+    torch.testing.assert_close(layer(x), base(x) + (x @ a.T) @ bt, rtol=1e-5, atol=1e-5)
+    layer.load_slot(1, None, None)
+    assert layer.filled == {} and not layer.a.any() and not layer.bt.any()
+
+
+def test_a_layer_no_adapter_of_the_batch_targets_returns_the_base_output() -> None:
+    from loraswap.server.lora_layer import BatchedLoraLinear, LoraContext
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(48, 80)
+    context = LoraContext()
+    layer = BatchedLoraLinear(base, num_slots=3, max_rank=4, context=context, dtype=torch.float32)
+    layer.load_slot(0, torch.randn(4, 48), torch.randn(4, 80))
+    x = torch.randn(2, 48)
+    context.set_batch([1, 2], {1: 4, 2: 4}, torch.device("cpu"), "auto")  # slots 1, 2 leave it alone
+    assert context.op is not None
+    torch.testing.assert_close(layer(x), base(x))
+    context.set_batch([0, 2], {0: 4, 2: 4}, torch.device("cpu"), "auto")
+    assert not torch.allclose(layer(x), base(x))
