@@ -8,6 +8,7 @@ An adapter folder is what PEFT's ``save_pretrained`` writes: ``adapter_config.js
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -32,6 +33,7 @@ def is_lora_weight(name: str) -> bool:
     return _KEY_RE.match(name) is not None
 
 
+@functools.lru_cache(maxsize=1 << 16)  # the same few hundred keys recur in every adapter of a base
 def parse_lora_key(name: str) -> tuple[str, str] | None:
     """Split ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` into
     (``model.layers.0.self_attn.q_proj``, ``"A"``); ``None`` for a key that is not a LoRA weight."""

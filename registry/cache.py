@@ -1,13 +1,19 @@
 """The pulling side's cache: ``paths.adapter_cache_dir()/<digest hex>/`` holds one verified version.
 
-A cache folder is used only after every file was re-hashed against the manifest; a corrupted or partial
+A cache folder is used only once every file was hashed against the manifest; a corrupted or partial
 folder is fetched again. Downloads go to a temporary folder that is renamed into place once verified.
+After a folder is verified, the size, mtime (ns) and inode of each file are recorded beside it
+(``<digest hex>.verified.json``); while they are unchanged the folder is trusted without hashing again
+(the check git's index makes), so a cold adapter load reads its file once. Any change to a file means
+a full re-hash; ``loraswap registry verify`` checks the registry itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -30,8 +36,51 @@ def file_digest(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+MARKER_SUFFIX = ".verified.json"
+
+
+def _marker_path(folder: Path) -> Path:
+    return folder.with_name(folder.name + MARKER_SUFFIX)
+
+
+def _file_stats(folder: Path, manifest: Manifest) -> dict[str, list[int]] | None:
+    stats = {}
+    for entry in manifest.files:
+        try:
+            st = (folder / entry.path).stat()
+        except OSError:
+            return None
+        stats[entry.path] = [st.st_size, st.st_mtime_ns, st.st_ino]
+    return stats
+
+
+def _marker(manifest: Manifest, stats: dict[str, list[int]]) -> str:
+    return json.dumps({"digest": manifest.digest, "files": stats}, sort_keys=True)
+
+
+def mark_verified(folder: Path, manifest: Manifest) -> None:
+    """Record the stats of ``folder``'s files, just checked against ``manifest`` (atomic write)."""
+    stats = _file_stats(folder, manifest)
+    if stats is None:
+        return
+    temp = folder.with_name(f".tmp-{uuid.uuid4().hex}{MARKER_SUFFIX}")
+    temp.write_text(_marker(manifest, stats))
+    os.replace(temp, _marker_path(folder))
+
+
+def _still_verified(folder: Path, manifest: Manifest) -> bool:
+    stats = _file_stats(folder, manifest)
+    try:
+        return stats is not None and _marker_path(folder).read_text() == _marker(manifest, stats)
+    except OSError:
+        return False
+
+
 def folder_problems(folder: Path, manifest: Manifest) -> list[str]:
-    """Files of ``folder`` that are missing or differ from ``manifest``."""
+    """Files of ``folder`` that are missing or differ from ``manifest`` (hashed unless unchanged since
+    they were last verified)."""
+    if _still_verified(folder, manifest):
+        return []
     problems = []
     for entry in manifest.files:
         path = folder / entry.path
@@ -39,6 +88,9 @@ def folder_problems(folder: Path, manifest: Manifest) -> list[str]:
             problems.append(f"{path} is missing")
         elif path.stat().st_size != entry.size or file_digest(path) != entry.digest:
             problems.append(f"{path} does not match {entry.digest}")
+    if not problems:
+        with contextlib.suppress(OSError):  # read-only cache: verify again next time
+            mark_verified(folder, manifest)
     return problems
 
 
@@ -73,6 +125,7 @@ def cached_version(store: ObjectStore, manifest: Manifest, progress: Progress | 
             shutil.rmtree(final, ignore_errors=True)  # corrupt or partial entry
         try:
             temp.rename(final)
+            mark_verified(final, manifest)  # each blob was hashed as it arrived
         except OSError:  # another puller put it in place first
             if folder_problems(final, manifest):
                 raise

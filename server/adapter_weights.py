@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from loraswap.adapter_format import ADAPTER_WEIGHTS, parse_lora_key, read_adapter_config
 from loraswap.errors import AdapterValidationError, IncompatibleAdapterError
 from loraswap.registry.validate import base_compat_problems, lora_shape_problems
+from loraswap.server.safetensors_buffer import SafetensorsError, read_tensor_file
 
 
 @dataclass
@@ -22,21 +21,27 @@ class HostAdapter:
         name: Adapter name (for listings).
         digest: Version digest (the cache key).
         rank: Largest rank over its modules.
-        modules: Module path → (``a: [r, in]``, ``bt: [r, out]`` with scaling folded in).
+        modules: Module path → (``a: [r, in]``, ``bt: [r, out]``, scaling). When the file's dtype suits
+            the slots these are views of the file's one read buffer; the scaling is applied by the copy
+            into the slot.
         file_bytes: Size of ``adapter_model.safetensors`` on disk.
     """
 
     name: str
     digest: str
     rank: int
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
     file_bytes: int = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(
-            a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.modules.values()
-        )
+        """Host memory held: every distinct storage behind the tensors (a shared read buffer counts once)."""
+        storages = {}
+        for a, bt, _ in self.modules.values():
+            for t in (a, bt):
+                storage = t.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
 
 
 @dataclass(frozen=True)
@@ -62,20 +67,26 @@ def _pair_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch
 
 
 def non_finite_modules(pairs: dict[str, dict[str, torch.Tensor]]) -> list[str]:
-    """Modules whose A or B holds NaN/Inf: one max-abs pass over everything (NaN propagates through
-    ``amax``), per-module only when that finds something."""
-    tensors = [t.reshape(-1) for ab in pairs.values() for t in ab.values()]
-    if not tensors or math.isfinite(float(torch.cat(tensors).abs().amax())):
-        return []
+    """Modules whose A or B holds NaN/Inf."""
     return [
         m for m, ab in sorted(pairs.items()) if not all(bool(torch.isfinite(t).all()) for t in ab.values())
     ]
+
+
+def _host_pair(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype):
+    """``(a, b^T, scale)`` for the slots: views of the read buffer when the dtype already fits (the copy
+    into the slot scales), else converted copies with the scale folded in first (one rounding)."""
+    if a.dtype == dtype and b.dtype == dtype:
+        return a, b.T, scale
+    return a.to(dtype), (b * scale).to(dtype).T, 1.0
 
 
 def read_host_adapter(
     folder: Path, name: str, digest: str, base: BaseShape, dtype: torch.dtype, fingerprint: str | None = None
 ) -> HostAdapter:
     """Load and check ``folder``; every incompatibility is reported at once.
+
+    The weights file is read once into one buffer; tensors in the slot dtype stay views of it.
 
     Raises:
         AdapterValidationError: the folder is not a readable LoRA adapter.
@@ -87,14 +98,19 @@ def read_host_adapter(
         problems.append(f"{ADAPTER_WEIGHTS} is missing")
     if problems or config is None:
         raise AdapterValidationError(f"adapter {name!r} is not a valid LoRA adapter", problems)
-    tensors = load_file(str(weights))
+    try:
+        loaded = read_tensor_file(weights)
+    except SafetensorsError as exc:
+        raise AdapterValidationError(f"adapter {name!r} has an unreadable weights file", [str(exc)]) from None
+    tensors = loaded.tensors
     shapes = {key: list(t.shape) for key, t in tensors.items()}
     problems = lora_shape_problems(config, shapes)
     if problems:
         raise AdapterValidationError(f"adapter {name!r} has malformed weights", problems)
     pairs = _pair_tensors(tensors)
     problems = base_compat_problems(config, shapes, base.weight_shapes())
-    problems += [f"{module}: weights contain NaN or Inf" for module in non_finite_modules(pairs)]
+    if not loaded.all_finite():
+        problems += [f"{module}: weights contain NaN or Inf" for module in non_finite_modules(pairs)]
     if fingerprint and fingerprint != base.fingerprint:
         problems.append(f"it was made for base {fingerprint}, the server runs {base.fingerprint}")
     modules = {}
@@ -103,9 +119,8 @@ def read_host_adapter(
         if rank > base.max_rank:
             problems.append(f"{module}: rank {rank} is over the server's max rank {base.max_rank}")
         elif module in base.modules:
-            scaled_b = ab["B"] * config.scaling_of(module)  # in the file's dtype: one rounding
-            modules[module] = (ab["A"].to(dtype), scaled_b.to(dtype).T)  # B^T as a view: no extra copy
+            modules[module] = _host_pair(ab["A"], ab["B"], config.scaling_of(module), dtype)
     if problems:
         raise IncompatibleAdapterError(f"adapter {name!r} cannot run on this server", problems)
-    rank = max(a.shape[0] for a, _ in modules.values())
+    rank = max(a.shape[0] for a, _, _ in modules.values())
     return HostAdapter(name, digest, rank, modules, weights.stat().st_size)

@@ -21,7 +21,7 @@ from loraswap.errors import LoraswapError, NotFoundError
 from loraswap.server.adapter_weights import BaseShape, HostAdapter, read_host_adapter
 from loraswap.server.api import AdapterStatus, EngineObserver, Tier
 from loraswap.server.host_cache import HostCache
-from loraswap.server.lora_layer import BatchedLoraLinear
+from loraswap.server.lora_layer import BatchedLoraLinear, fill_slot
 from loraswap.server.slots import SlotTable
 
 log = logging.getLogger(__name__)
@@ -163,9 +163,13 @@ class AdapterManager:
         return slot
 
     def _copy_into(self, slot: int, adapter: HostAdapter) -> None:
-        for module, layer in self.layers.items():
-            a, bt = adapter.modules.get(module, (None, None))
-            layer.load_slot(slot, a, bt)
+        fill_slot(
+            slot,
+            [
+                (layer, *adapter.modules.get(module, (None, None, 1.0)))
+                for module, layer in self.layers.items()
+            ],
+        )
         self.ranks[slot] = adapter.rank
         with self._lock:  # keep the host copy warm while it is on the device
             self.host.put(adapter, keep=set(self.slots.keys()))
@@ -186,8 +190,7 @@ class AdapterManager:
         slot = self.slots.remove(digest)
         if slot is not None:
             self.ranks.pop(slot, None)
-            for layer in self.layers.values():
-                layer.load_slot(slot, None, None)
+            fill_slot(slot, [(layer, None, None, 1.0) for layer in self.layers.values()])
             self.observer.on_eviction("device", "unload")
         with self._lock:
             dropped = self.host.remove(digest) is not None

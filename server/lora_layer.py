@@ -144,24 +144,48 @@ class BatchedLoraLinear(nn.Module):
         y.view(count, per_slot, self.out_features).baddbmm_(h, self.bt[first : first + count, :rank])
         return y
 
-    @torch.no_grad()
-    def load_slot(self, slot: int, a: torch.Tensor | None, bt: torch.Tensor | None) -> None:
-        """Copy ``a: [r, in]`` and ``bt: [r, out]`` (scaled) into ``slot``; None clears the slot.
-
-        Only rows that held weights are zeroed, so activating an adapter that leaves this layer alone
-        costs nothing here."""
-        old = self.filled.pop(slot, 0)
-        rank = a.shape[0] if a is not None and bt is not None else 0
-        if rank:
-            self.a[slot, :rank].copy_(a, non_blocking=True)
-            self.bt[slot, :rank].copy_(bt, non_blocking=True)
-            self.filled[slot] = rank
-        if old > rank:
-            self.a[slot, rank:old].zero_()
-            self.bt[slot, rank:old].zero_()
+    def load_slot(
+        self, slot: int, a: torch.Tensor | None, bt: torch.Tensor | None, scale: float = 1.0
+    ) -> None:
+        """Copy ``a: [r, in]`` and ``scale * bt`` (``bt: [r, out]``) into ``slot``; None clears the slot."""
+        fill_slot(slot, [(self, a, bt, scale)])
 
     def slot_bytes(self) -> int:
         return (self.a[0].numel() + self.bt[0].numel()) * self.a.element_size()
+
+
+SlotPart = tuple[BatchedLoraLinear, torch.Tensor | None, torch.Tensor | None, float]
+
+
+@torch.no_grad()
+def fill_slot(slot: int, parts: list[SlotPart]) -> None:
+    """Load one adapter into ``slot`` of many layers: ``(layer, a: [r, in], bt: [r, out], scale)`` per
+    layer, None matrices clearing it. Three fused ops in all (zero stale rows, copy, scale) instead of a
+    few per layer; only rows that held weights are zeroed, so layers the adapter leaves alone cost nothing.
+    """
+    stale: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    sources: list[torch.Tensor] = []
+    scaled: list[torch.Tensor] = []
+    scales: list[float] = []
+    for layer, a, bt, scale in parts:
+        old = layer.filled.pop(slot, 0)
+        rank = a.shape[0] if a is not None and bt is not None else 0
+        if old > rank:
+            stale += [layer.a[slot, rank:old], layer.bt[slot, rank:old]]
+        if rank:
+            targets += [layer.a[slot, :rank], layer.bt[slot, :rank]]
+            sources += [a, bt]
+            if scale != 1.0:
+                scaled.append(layer.bt[slot, :rank])
+                scales.append(scale)
+            layer.filled[slot] = rank
+    if stale:
+        torch._foreach_zero_(stale)
+    if targets:
+        torch._foreach_copy_(targets, sources, non_blocking=True)
+    if scaled:
+        torch._foreach_mul_(scaled, scales)
 
 
 def _module_device(module: nn.Module) -> torch.device:

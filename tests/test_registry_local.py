@@ -374,3 +374,29 @@ def test_push_process_killed_halfway(root: Path, make_adapter) -> None:
     assert [e.manifest.digest for e in reg.list("bot")] == [v1.digest]
     assert reg.resolve("bot:prod").digest == reg.resolve("bot").digest == v1.digest
     assert reg.verify() == []
+
+
+def test_a_verified_cache_folder_is_trusted_until_a_file_changes(
+    reg: Registry, make_adapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import loraswap.registry.cache as cache
+
+    adapter = make_adapter()
+    manifest = reg.push(adapter, "bot")
+    cached = reg.pull("bot")
+    assert (cached.parent / f"{manifest.hex}.verified.json").is_file()
+    assert sorted(p.name for p in cached.iterdir()) == sorted(e.path for e in manifest.files)
+
+    hashed = []
+    real_digest = cache.file_digest
+    monkeypatch.setattr(cache, "file_digest", lambda path: hashed.append(path) or real_digest(path))
+    assert reg.pull("bot") == cached and hashed == []  # unchanged since verified: no re-hash
+
+    weights = cached / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, new content (and mtime)
+    weights.write_bytes(bytes(data))
+    assert reg.pull("bot") == cached
+    assert hashed and _files(cached) == _files(adapter)  # re-hashed, found corrupt, fetched again
+    hashed.clear()
+    assert reg.pull("bot") == cached and hashed == []  # verified again

@@ -1,0 +1,95 @@
+"""The one-read safetensors reader: the same tensors as safetensors itself, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loraswap.server.safetensors_buffer import SafetensorsError, read_tensor_file
+
+
+def _write_raw(path: Path, header: dict, data: bytes) -> Path:
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    return path
+
+
+def test_matches_safetensors_for_mixed_dtypes_and_shares_one_buffer(tmp_path: Path) -> None:
+    tensors = {
+        "a": torch.randn(4, 6).to(torch.bfloat16),
+        "b": torch.randn(3).to(torch.float16),
+        "c": torch.randn(2, 2, 2),
+        "d": torch.arange(5, dtype=torch.int64),
+        "empty": torch.zeros(0, 3),
+    }
+    save_file(tensors, str(tmp_path / "x.safetensors"), metadata={"format": "pt"})
+    loaded = read_tensor_file(tmp_path / "x.safetensors")
+    expected = load_file(str(tmp_path / "x.safetensors"))
+    assert loaded.tensors.keys() == expected.keys() and loaded.metadata == {"format": "pt"}
+    for key, tensor in expected.items():
+        assert loaded.tensors[key].dtype == tensor.dtype
+        assert torch.equal(loaded.tensors[key], tensor)
+    storages = {t.untyped_storage().data_ptr() for t in loaded.tensors.values() if t.numel()}
+    assert storages == {loaded.buffer.untyped_storage().data_ptr()}  # views, no per-tensor copies
+    assert loaded.uniform_dtype() is None and loaded.all_finite()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_all_finite_finds_one_bad_value_in_a_uniform_file(tmp_path: Path, bad: float, dtype) -> None:
+    tensors = {f"t{i}": torch.randn(16, 8).to(dtype) for i in range(5)}
+    save_file(tensors, str(tmp_path / "ok.safetensors"))
+    assert read_tensor_file(tmp_path / "ok.safetensors").all_finite()
+    tensors["t3"][7, 2] = bad
+    save_file(tensors, str(tmp_path / "bad.safetensors"))
+    loaded = read_tensor_file(tmp_path / "bad.safetensors")
+    assert loaded.uniform_dtype() == dtype and not loaded.all_finite()
+
+
+def test_unaligned_offsets_are_copied_not_refused(tmp_path: Path) -> None:
+    data = b"\x00" + torch.tensor([1.5, -2.0], dtype=torch.float32).numpy().tobytes()
+    header = {
+        "pad": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+        "x": {"dtype": "F32", "shape": [2], "data_offsets": [1, 9]},
+    }
+    loaded = read_tensor_file(_write_raw(tmp_path / "u.safetensors", header, data))
+    assert loaded.tensors["x"].tolist() == [1.5, -2.0]
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "message"),
+    [
+        ({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, bytes(8), "do not hold"),
+        ({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8), "do not hold"),
+        ({"x": {"dtype": "Q4", "shape": [1], "data_offsets": [0, 1]}}, bytes(1), "unsupported"),
+        ({"x": {"shape": [1], "data_offsets": [0, 4]}}, bytes(4), "malformed"),
+        (
+            {
+                "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "y": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+            },
+            bytes(8),
+            "overlap",
+        ),
+    ],
+)
+def test_malformed_headers_are_refused_with_the_reason(tmp_path: Path, header, data, message) -> None:
+    with pytest.raises(SafetensorsError, match=message):
+        read_tensor_file(_write_raw(tmp_path / "bad.safetensors", header, data))
+
+
+def test_truncated_and_non_json_files_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "short").write_bytes(b"\x01\x02")
+    with pytest.raises(SafetensorsError, match="too short"):
+        read_tensor_file(tmp_path / "short")
+    (tmp_path / "long").write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    with pytest.raises(SafetensorsError, match="does not fit"):
+        read_tensor_file(tmp_path / "long")
+    (tmp_path / "text").write_bytes(struct.pack("<Q", 3) + b"abc")
+    with pytest.raises(SafetensorsError, match="not JSON"):
+        read_tensor_file(tmp_path / "text")
