@@ -79,6 +79,10 @@ def _finite(t: torch.Tensor) -> bool:
 def read_tensor_file(path: Path) -> TensorFile:
     """Read ``path`` whole and return views of its tensors.
 
+    The fresh buffer's pages are touched before the read: on the virtualised development host, letting
+    the ``read`` syscall fault them in from the kernel took 25-30 ms for a 9.8 MB adapter against
+    about 5 ms when touched first (and the read itself under 1 ms); on other hosts it costs nothing.
+
     Raises:
         SafetensorsError: malformed header or offsets.
         OSError: the file cannot be read.
@@ -86,6 +90,7 @@ def read_tensor_file(path: Path) -> TensorFile:
     path = Path(path)
     size = path.stat().st_size
     buffer = torch.empty(size, dtype=torch.uint8)
+    buffer.numpy()[::4096] = 0  # fault the pages in from user space first (see below)
     with open(path, "rb", buffering=0) as handle:
         got = handle.readinto(memoryview(buffer.numpy()))
     if got != size:
