@@ -38,14 +38,22 @@ class SeqChunk:
 
 @dataclass
 class _Batch:
-    """Index tensors shared by all layers of one step (decode chunks first, then prefill chunks)."""
+    """Index tensors shared by all layers of one step (decode chunks first, then prefill chunks).
+
+    Decode attention reads the KV rows ``span`` (first, end) as a view when the decode rows are compact
+    (the span at most twice their count); ``decode_index`` then places each decode token in the span
+    and ``decode_mask`` has one line per span row. Otherwise ``span`` is None, the rows are gathered
+    and the mask has one line per decode token.
+    """
 
     rows: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     num_decode: int
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, Ld] bool
+    decode_mask: torch.Tensor | None  # [Bd or span, Ld] bool
     decode_len: int
     prefill: list[tuple[int, int, int, int]]  # (token start, token end, row, start_pos)
+    span: tuple[int, int] | None = None
+    decode_index: torch.Tensor | None = None  # [Bd] row - span start
 
 
 def chunk_order(chunk: SeqChunk) -> tuple[bool, int]:
@@ -116,22 +124,33 @@ class PackedForward:
                 prefill.append((start, start + n, chunk.row, chunk.start_pos))
         num_decode = sum(1 for c in chunks if len(c.token_ids) == 1)
         dev = self.device
-        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-        mask, decode_len = None, 0
-        if num_decode:
-            decode_len = max(positions[:num_decode]) + 1
-            keys = torch.arange(decode_len, device=dev)
-            mask = (keys[None, :] <= pos_t[:num_decode, None])[:, None, None, :]
         batch = _Batch(
             rows=torch.tensor(rows, dtype=torch.long, device=dev),
-            positions=pos_t,
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
             num_decode=num_decode,
-            decode_mask=mask,
-            decode_len=decode_len,
+            decode_mask=None,
+            decode_len=0,
             prefill=prefill,
         )
+        if num_decode:
+            self._decode_layout(batch, rows[:num_decode], positions[:num_decode])
         ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
         return batch, ids_t, slots, torch.tensor(want, dtype=torch.long, device=dev)
+
+    def _decode_layout(self, batch: _Batch, rows: list[int], positions: list[int]) -> None:
+        """Span or gather for decode attention, and the matching mask (see :class:`_Batch`)."""
+        batch.decode_len = max(positions) + 1
+        first, end = min(rows), max(rows) + 1
+        if end - first <= 2 * len(rows):
+            last_pos = [0] * (end - first)  # rows of the span outside the batch attend to key 0 only
+            for row, pos in zip(rows, positions, strict=True):
+                last_pos[row - first] = pos
+            batch.span = (first, end)
+            batch.decode_index = torch.tensor([r - first for r in rows], dtype=torch.long, device=self.device)
+        else:
+            last_pos = positions
+        keys = torch.arange(batch.decode_len, device=self.device)
+        batch.decode_mask = keys[None, :] <= torch.tensor(last_pos, device=self.device)[:, None]
 
     def _attention(
         self,
@@ -148,9 +167,9 @@ class PackedForward:
         v = attn.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        k_cache, v_cache = self.kv.k[layer], self.kv.v[layer]  # [rows, L, KVH, D]
-        k_cache.index_put_((batch.rows, batch.positions), k.to(k_cache.dtype))
-        v_cache.index_put_((batch.rows, batch.positions), v.to(v_cache.dtype))
+        k_cache, v_cache = self.kv.k[layer], self.kv.v[layer]  # [rows, KVH, L, D]
+        k_cache.transpose(1, 2).index_put_((batch.rows, batch.positions), k.to(k_cache.dtype))
+        v_cache.transpose(1, 2).index_put_((batch.rows, batch.positions), v.to(v_cache.dtype))
         parts = []
         if batch.num_decode:
             parts.append(self._decode_attention(q[: batch.num_decode], k_cache, v_cache, batch))
@@ -162,21 +181,32 @@ class PackedForward:
     def _decode_attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: _Batch
     ) -> torch.Tensor:
-        rows = batch.rows[: batch.num_decode]
-        keys = k_cache[rows, : batch.decode_len].transpose(1, 2)  # [Bd, KVH, L, D]
-        values = v_cache[rows, : batch.decode_len].transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2).to(keys.dtype), keys, values, attn_mask=batch.decode_mask, enable_gqa=True
-        )  # [Bd, H, 1, D]
-        return out.squeeze(2).to(q.dtype)
+        """One query per sequence against its cached keys: two batched matmuls over a view of the KV
+        rows (or a gather of them), softmax in fp32. On CPU this is 3-6x faster than SDPA with a
+        gathered cache (``bench/RESULTS.md``)."""
+        length = batch.decode_len
+        if batch.span is not None:
+            first, end = batch.span
+            keys, values = k_cache[first:end, :, :length], v_cache[first:end, :, :length]
+            query = q.new_zeros(end - first, *q.shape[1:]).index_copy_(0, batch.decode_index, q)
+        else:
+            rows = batch.rows[: batch.num_decode]
+            keys, values, query = k_cache[rows, :, :length], v_cache[rows, :, :length], q
+        n, kv_heads = query.shape[0], keys.shape[1]
+        grouped = query.to(keys.dtype).view(n, kv_heads, self.num_heads // kv_heads, self.head_dim)
+        scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * self.head_dim**-0.5
+        scores.masked_fill_(~batch.decode_mask[:, None, None, :], float("-inf"))
+        out = torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)  # [n, KVH, G, D]
+        out = out.view(n, self.num_heads, self.head_dim).to(q.dtype)
+        return out if batch.span is None else out.index_select(0, batch.decode_index)
 
     def _prefill_attention(
         self, q: torch.Tensor, k_row: torch.Tensor, v_row: torch.Tensor, start_pos: int
     ) -> torch.Tensor:
         n = q.shape[0]
         total = start_pos + n
-        keys = k_row[:total].transpose(0, 1)[None]  # [1, KVH, total, D]
-        values = v_row[:total].transpose(0, 1)[None]
+        keys = k_row[:, :total][None]  # [1, KVH, total, D]
+        values = v_row[:, :total][None]
         query = q.transpose(0, 1)[None].to(keys.dtype)  # [1, H, n, D]
         if start_pos == 0:
             out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=True)

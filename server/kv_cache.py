@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import heapq
+
 import torch
 
 
 class KVCache:
-    """Per layer ``k``/``v`` buffers of ``[rows, max_len, kv_heads, head_dim]`` plus a free-row list.
+    """Per layer ``k``/``v`` buffers of ``[rows, kv_heads, max_len, head_dim]`` plus a free-row heap.
+
+    Heads before positions, so a range of rows up to a length is a view that attention multiplies
+    directly (no gather); the lowest free row is handed out first, which keeps the rows in use compact.
 
     Args:
         num_layers: Decoder layers.
@@ -28,11 +33,11 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        shape = (rows, max_len, kv_heads, head_dim)
+        shape = (rows, kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_len = max_len
-        self._free = list(range(rows - 1, -1, -1))
+        self._free = list(range(rows))  # a heap
 
     @property
     def nbytes(self) -> int:
@@ -43,8 +48,8 @@ class KVCache:
         return len(self._free)
 
     def allocate(self) -> int:
-        """Take a free row (the caller checked ``free_rows``)."""
-        return self._free.pop()
+        """Take the lowest free row (the caller checked ``free_rows``)."""
+        return heapq.heappop(self._free)
 
     def release(self, row: int) -> None:
-        self._free.append(row)
+        heapq.heappush(self._free, row)

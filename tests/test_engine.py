@@ -136,6 +136,41 @@ def test_mixed_batch_logits_match_peft(engine: Engine, registry_with_adapters, t
         torch.testing.assert_close(logits[i], expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "rows",
+    [[0, 1, 2], [2, 0, 1], [0, 2, 3], [0, 7, 15]],
+    ids=["compact", "permuted", "span-with-hole", "gathered"],
+)
+def test_decode_attention_is_the_same_for_any_placement_of_kv_rows(
+    engine: Engine, registry_with_adapters, tiny_base: Path, rows: list[int]
+) -> None:
+    """Decode logits equal a full forward of prompt + token, whether attention reads a view of the
+    rows (compact, permuted, with unused rows inside the span) or gathers them."""
+    _, folders = registry_with_adapters
+    name = next(iter(ADAPTER_SPECS))
+    slot = engine.adapters.slots.slot_of(engine.load_adapter(name, "device").digest)
+    tokenizer = engine.tokenizer
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
+    adapters = [-1, -1, slot]  # already in the order forward() sorts chunks (by slot)
+    with engine.step_lock:
+        taken = [engine.kv.allocate() for _ in range(engine.config.max_batch_size)]
+        engine.forward(
+            [SeqChunk(r, ids, 0, s, False) for r, ids, s in zip(rows, prompts, adapters, strict=True)]
+        )
+        decode = [
+            SeqChunk(r, [7 + i], len(ids), s, True)
+            for i, (r, ids, s) in enumerate(zip(rows, prompts, adapters, strict=True))
+        ]
+        logits = engine.forward(decode)
+        for row in taken:
+            engine.kv.release(row)
+    for i, (ids, s) in enumerate(zip(prompts, adapters, strict=True)):
+        oracle = peft_model(tiny_base, folders.get(name) if s >= 0 else None)
+        with torch.no_grad():
+            expected = oracle(torch.tensor([[*ids, 7 + i]])).logits[0, -1]
+        torch.testing.assert_close(logits[i], expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("quantization", ["fp32", "bf16", "nf4"])
 def test_base_output_unchanged_after_200_adapter_loads(
     tiny_base: Path, registry_with_adapters, quantization
