@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 import torch
 
@@ -108,6 +109,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._last_step_prefilled = False
+        self._interrupted = False  # the decode step in flight has already run a prefill between layers
         self.draining = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -240,13 +242,38 @@ class Engine:
         self._admit()
         if not self._running:
             return
-        started = time.perf_counter()
         plan = self._plan()
-        logits = self.forward([chunk for _, chunk in plan])
+        decode_only = all(len(c.token_ids) == 1 for _, c in plan)
+        interrupt = self.config.prefill_policy == "separate" and self.config.prefill_between_layers
+        self._run(plan, self._prefill_between_layers if decode_only and interrupt else None)
+
+    def _run(
+        self, plan: list[tuple[RequestState, SeqChunk]], between_layers: Callable[[], None] | None = None
+    ) -> None:
+        started = time.perf_counter()
+        self._interrupted = False
+        logits = self.forward([chunk for _, chunk in plan], between_layers)
         self._advance(plan, logits)
         distinct = len({c.slot for _, c in plan if c.slot >= 0})
         prefill = sum(len(c.token_ids) for _, c in plan if len(c.token_ids) > 1)
         self.observer.on_step(len(plan), distinct, prefill, time.perf_counter() - started)
+
+    def _prefill_between_layers(self) -> None:
+        """Called between two layers of a decode step: if requests arrived (or their adapters became
+        ready) since the step began, admit them and run their prefill now, once per step."""
+        if self._interrupted or not (self._incoming or self._ready_waiting()):
+            return
+        with self._cv:
+            self.take_incoming()
+        self._admit()
+        prefilling = [s for s in self._running if s.prefilling]
+        if not prefilling:
+            return
+        self._interrupted = True
+        plan = self._prefill_plan(prefilling)
+        self._last_step_prefilled = True
+        self._run(plan)
+        self._interrupted = True  # _run reset it: this step has had its prefill
 
     def _drop_dead(self) -> None:
         t = now()
@@ -292,6 +319,14 @@ class Engine:
             run_prefill = not self._last_step_prefilled
             prefilling, decoding = (prefilling, []) if run_prefill else ([], decoding)
         plan = [(s, SeqChunk(s.row, s.next_input(1), s.cached, s.slot, True)) for s in decoding]
+        plan += self._prefill_plan(prefilling)
+        self._last_step_prefilled = bool(prefilling)
+        plan.sort(key=lambda item: chunk_order(item[1]))  # the order PackedForward runs them in
+        return plan
+
+    def _prefill_plan(self, prefilling: list[RequestState]) -> list[tuple[RequestState, SeqChunk]]:
+        """Prompt chunks of ``prefilling``, in order, within the ``prefill_chunk`` token budget."""
+        plan = []
         budget = self.config.prefill_chunk
         for state in prefilling:
             if budget <= 0:
@@ -300,8 +335,7 @@ class Engine:
             budget -= len(tokens)
             last = state.cached + len(tokens) == len(state.prompt_ids)
             plan.append((state, SeqChunk(state.row, tokens, state.cached, state.slot, last)))
-        self._last_step_prefilled = bool(prefilling)
-        plan.sort(key=lambda item: chunk_order(item[1]))  # the order PackedForward runs them in
+        plan.sort(key=lambda item: chunk_order(item[1]))
         return plan
 
     def _advance(self, plan: list[tuple[RequestState, SeqChunk]], logits: torch.Tensor) -> None:

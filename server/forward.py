@@ -7,6 +7,7 @@ part: decode tokens share one masked SDPA call, each prefill chunk gets its own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -86,23 +87,34 @@ class PackedForward:
         self.device = next(model.parameters()).device
 
     @torch.inference_mode()
-    def __call__(self, chunks: list[SeqChunk]) -> torch.Tensor:
-        """Run one step; return logits ``[n, vocab]`` (fp32) for chunks with ``want_logits``, in order."""
+    def __call__(
+        self, chunks: list[SeqChunk], between_layers: Callable[[], None] | None = None
+    ) -> torch.Tensor:
+        """Run one step; return logits ``[n, vocab]`` (fp32) for chunks with ``want_logits``, in order.
+
+        ``between_layers`` is called before every decoder layer but the first; it may run another
+        forward (over other KV rows) before this one goes on.
+        """
         chunks = sorted(chunks, key=chunk_order)  # decode chunks first, by slot
         batch, ids, slot_list, want = self._pack(chunks)
+        outer = self.lora.snapshot()
         self.lora.set_batch(slot_list, self.ranks, self.device, self.mode)
         try:
             hidden = self.inner.embed_tokens(ids)  # [T, hidden]
             cos, sin = self.inner.rotary_emb(hidden[None], batch.positions[None])
             cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, D]
             for index, layer in enumerate(self.inner.layers):
+                if between_layers is not None and index:
+                    mine = self.lora.snapshot()
+                    between_layers()
+                    self.lora.restore(mine)
                 attn_in = layer.input_layernorm(hidden)
                 hidden = hidden + self._attention(layer.self_attn, attn_in, index, batch, cos, sin)
                 hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             last = self.inner.norm(hidden[want])
             return self.model.lm_head(last).float()
         finally:
-            self.lora.clear()
+            self.lora.restore(outer)
 
     def _pack(self, chunks: list[SeqChunk]) -> tuple[_Batch, torch.Tensor, list[int], torch.Tensor]:
         ids: list[int] = []

@@ -8,6 +8,7 @@ base).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -66,6 +67,14 @@ class LoraContext:
             and found[1] * found[2] == len(slot_list)
             and found[3] == list(range(len(slot_list)))
         )
+
+    def snapshot(self) -> LoraContext:
+        """A copy of the current batch state (a forward nested between layers restores it after)."""
+        return dataclasses.replace(self)
+
+    def restore(self, saved: LoraContext) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(saved, f.name))
 
     def clear(self) -> None:
         self.slots, self.runs, self.rank, self.layout, self.op = None, [], 0, None, None

@@ -454,3 +454,59 @@ def test_async_streaming(engine: Engine) -> None:
     events = asyncio.run(collect())
     assert events[-1].finished and sum(len(e.token_ids) for e in events) == 5
     assert "".join(e.text for e in events) == events[-1].result.text
+
+
+def _drive(engine: Engine, done, timeout: float = 60.0) -> None:
+    """Run the step loop by hand (the engine is not started) until ``done()``."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "engine made no progress"
+        engine.take_incoming()
+        if engine._running or engine._ready_waiting():
+            engine.step()
+        else:
+            time.sleep(0.005)  # adapters still loading in the background
+
+
+@pytest.mark.parametrize("between_layers", [True, False])
+def test_a_request_arriving_mid_decode_step_is_prefilled_inside_that_step(
+    tiny_base: Path, registry_with_adapters, between_layers: bool
+) -> None:
+    registry, _ = registry_with_adapters
+    config = EngineConfig(
+        base=str(tiny_base), quantization="fp32", adapter_slots=8, max_rank=32, max_batch_size=16,
+        max_seq_len=96, prefill_between_layers=between_layers,
+    )  # fmt: skip
+    engine = Engine(config, registry=registry)  # not started: the test runs each step itself
+    names = list(ADAPTER_SPECS)
+    requests = [
+        GenerationRequest(adapter=n, prompt=PROMPTS[i], sampling=greedy(6)) for i, n in enumerate(names[:3])
+    ]
+    probe_request = GenerationRequest(adapter=names[3], prompt=PROMPTS[3], sampling=greedy(4))
+    engine.load_adapter(names[3], "host")  # ready as soon as it arrives
+    handles = [engine.submit(r) for r in requests]
+    _drive(engine, lambda: len(engine._running) == 3 and all(s.output_ids for s in engine._running))
+    probe: list = []
+
+    def arrive_now(*_) -> None:
+        if not probe:
+            probe.append(engine.submit(probe_request))
+            probe[0].state.adapter.result(timeout=30)  # resolved while this layer runs
+
+    arrive = engine.forward.inner.layers[0].input_layernorm.register_forward_pre_hook(arrive_now)
+    before = {id(s): len(s.output_ids) for s in engine._running}
+    engine.step()  # one decode step; the probe arrives during its first layer
+    arrive.remove()
+    decoders = [s for s in engine._running if id(s) in before]
+    assert all(len(s.output_ids) == before[id(s)] + 1 for s in decoders)  # the step still finished
+    assert len(probe[0].state.output_ids) == (1 if between_layers else 0)
+    _drive(engine, lambda: not (engine._incoming or engine._waiting or engine._running))
+    alone = Engine(config, registry=registry)
+    try:
+        for request, handle in zip([*requests, probe_request], [*handles, *probe], strict=True):
+            solo = alone.submit(request)
+            _drive(alone, lambda: not (alone._incoming or alone._waiting or alone._running))
+            assert handle.result().token_ids == solo.result().token_ids  # same tokens as run alone
+    finally:
+        alone.stop(drain_timeout=1)
+        engine.stop(drain_timeout=1)
