@@ -21,23 +21,23 @@ class HostAdapter:
         name: Adapter name (for listings).
         digest: Version digest (the cache key).
         rank: Largest rank over its modules.
-        modules: Module path → (``a: [r, in]``, ``bt: [r, out]``, scaling). When the file's dtype suits
-            the slots these are views of the file's one read buffer; the scaling is applied by the copy
-            into the slot.
+        modules: Module path → (``a: [r, in]``, ``bt: [r, out]`` with the LoRA scaling folded in), in
+            the slot dtype. When the file's dtype is the slot dtype these are views of the file's one
+            read buffer.
         file_bytes: Size of ``adapter_model.safetensors`` on disk.
     """
 
     name: str
     digest: str
     rank: int
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     file_bytes: int = 0
 
     @property
     def nbytes(self) -> int:
         """Host memory held: every distinct storage behind the tensors (a shared read buffer counts once)."""
         storages = {}
-        for a, bt, _ in self.modules.values():
+        for a, bt in self.modules.values():
             for t in (a, bt):
                 storage = t.untyped_storage()
                 storages[storage.data_ptr()] = storage.nbytes()
@@ -74,11 +74,13 @@ def non_finite_modules(pairs: dict[str, dict[str, torch.Tensor]]) -> list[str]:
 
 
 def _host_pair(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype):
-    """``(a, b^T, scale)`` for the slots: views of the read buffer when the dtype already fits (the copy
-    into the slot scales), else converted copies with the scale folded in first (one rounding)."""
+    """``(a, scale * b^T)`` in the slot dtype: views of the (private) read buffer, B scaled in place,
+    when the file's dtype already fits; else converted copies, scaled before the cast (one rounding)."""
     if a.dtype == dtype and b.dtype == dtype:
-        return a, b.T, scale
-    return a.to(dtype), (b * scale).to(dtype).T, 1.0
+        if scale != 1.0:
+            b.mul_(scale)
+        return a, b.T
+    return a.to(dtype), (b * scale).to(dtype).T
 
 
 def read_host_adapter(
@@ -122,5 +124,5 @@ def read_host_adapter(
             modules[module] = _host_pair(ab["A"], ab["B"], config.scaling_of(module), dtype)
     if problems:
         raise IncompatibleAdapterError(f"adapter {name!r} cannot run on this server", problems)
-    rank = max(a.shape[0] for a, _, _ in modules.values())
+    rank = max(a.shape[0] for a, _ in modules.values())
     return HostAdapter(name, digest, rank, modules, weights.stat().st_size)

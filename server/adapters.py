@@ -165,10 +165,7 @@ class AdapterManager:
     def _copy_into(self, slot: int, adapter: HostAdapter) -> None:
         fill_slot(
             slot,
-            [
-                (layer, *adapter.modules.get(module, (None, None, 1.0)))
-                for module, layer in self.layers.items()
-            ],
+            [(layer, *adapter.modules.get(module, (None, None))) for module, layer in self.layers.items()],
         )
         self.ranks[slot] = adapter.rank
         with self._lock:  # keep the host copy warm while it is on the device
@@ -190,7 +187,7 @@ class AdapterManager:
         slot = self.slots.remove(digest)
         if slot is not None:
             self.ranks.pop(slot, None)
-            fill_slot(slot, [(layer, None, None, 1.0) for layer in self.layers.values()])
+            fill_slot(slot, [(layer, None, None) for layer in self.layers.values()])
             self.observer.on_eviction("device", "unload")
         with self._lock:
             dropped = self.host.remove(digest) is not None

@@ -45,7 +45,7 @@ def test_acquire_counts_and_remove() -> None:
 
 
 def _adapter(digest: str, numel: int) -> HostAdapter:
-    return HostAdapter(digest, digest, 1, {"m": (torch.zeros(numel), torch.zeros(0), 1.0)})
+    return HostAdapter(digest, digest, 1, {"m": (torch.zeros(numel), torch.zeros(0))})
 
 
 def test_host_cache_evicts_lru_within_budget_and_keeps_pinned() -> None:
