@@ -40,6 +40,10 @@ class LoraContext:
             with the same token count), so LoRA layers add their delta into the output in place.
         op: The op chosen for this batch.
         used: The slots the batch uses; a layer none of whose filled slots is among them skips LoRA.
+        max_rank: Rows of the slot buffers (0 = unknown). When the batch's rank is at least half of it,
+            the ops run all rows: a rank slice below the buffer size makes the slot views
+            non-contiguous, and bmm then copies them (measured on CPU: slower than reading the zero
+            padding, up to 2x the rank needed).
     """
 
     slots: torch.Tensor | None = None
@@ -49,13 +53,15 @@ class LoraContext:
     in_place: bool = False
     op: Callable[..., torch.Tensor] | None = None
     used: frozenset[int] = frozenset()
+    max_rank: int = 0
 
     def set_batch(self, slot_list: list[int], ranks: dict[int, int], device: torch.device, mode: str) -> None:
         """Prepare for a forward over tokens whose slots are ``slot_list``."""
         self.slots = torch.tensor(slot_list, dtype=torch.long, device=device)
         self.runs = segments(slot_list)
         self.used = frozenset(s for s in slot_list if s >= 0)
-        self.rank = max((ranks[s] for s in set(slot_list) if s >= 0), default=0)
+        rank = max((ranks[s] for s in set(slot_list) if s >= 0), default=0)
+        self.rank = self.max_rank if rank and 2 * rank >= self.max_rank > 0 else rank
         found = group_layout(slot_list)
         grid_cells = found[1] * found[2] if found else 0
         if found:
@@ -213,7 +219,7 @@ def install_lora_layers(
 ) -> tuple[LoraContext, dict[str, BatchedLoraLinear]]:
     """Wrap every supported projection of ``model`` in place; return the context and the layers by name
     (names as PEFT writes them, e.g. ``model.layers.0.self_attn.q_proj``)."""
-    context = LoraContext()
+    context = LoraContext(max_rank=max_rank)
     layers: dict[str, BatchedLoraLinear] = {}
     targets = [
         (name, module)

@@ -82,7 +82,7 @@ def test_lora_layer_matches_reference_in_every_mode(slot_list: list[int]) -> Non
 
     torch.manual_seed(0)
     base = torch.nn.Linear(48, 80, bias=True)
-    context = LoraContext()
+    context = LoraContext(max_rank=8)  # ranks 4..8 run all 8 rows (zero padding), rank 2 slices
     layer = BatchedLoraLinear(base, num_slots=4, max_rank=8, context=context, dtype=torch.float32)
     ranks = {0: 8, 1: 4, 2: 6, 3: 2}
     for slot, rank in ranks.items():
@@ -95,6 +95,28 @@ def test_lora_layer_matches_reference_in_every_mode(slot_list: list[int]) -> Non
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-4)
     context.set_batch(slot_list, ranks, torch.device("cpu"), "auto")
     assert context.in_place == (slot_list in ([0, 0, 1, 1, 2, 2], [1, 2, 3], [2, 2, 2, 2]))
+    needed = max(ranks[s] for s in slot_list if s >= 0)
+    assert context.rank == (8 if 2 * needed >= 8 else needed)
+
+
+def test_a_low_rank_batch_slices_the_rank_and_still_matches_the_reference() -> None:
+    from loraswap.server.lora_layer import BatchedLoraLinear, LoraContext
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(48, 80)
+    context = LoraContext(max_rank=16)
+    layer = BatchedLoraLinear(base, num_slots=3, max_rank=16, context=context, dtype=torch.float32)
+    ranks = {0: 2, 1: 3, 2: 16}
+    for slot, rank in ranks.items():
+        layer.load_slot(slot, torch.randn(rank, 48), torch.randn(rank, 80))
+    x = torch.randn(4, 48)
+    context.set_batch([0, 0, 1, 1], ranks, torch.device("cpu"), "reference")
+    expected = layer(x)
+    context.set_batch([0, 0, 1, 1], ranks, torch.device("cpu"), "auto")
+    assert context.rank == 3 and context.in_place
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    context.set_batch([0, 2], ranks, torch.device("cpu"), "auto")
+    assert context.rank == 16
 
 
 def test_reloading_a_slot_with_a_lower_rank_or_nothing_leaves_no_stale_rows() -> None:
