@@ -261,10 +261,11 @@ class Engine:
     def _prefill_between_layers(self) -> None:
         """Called between two layers of a decode step: if requests arrived (or their adapters became
         ready) since the step began, admit them and run their prefill now, once per step."""
-        if self._interrupted or not (self._incoming or self._ready_waiting()):
+        if self._interrupted or self.kv.free_rows == 0 or not (self._incoming or self._ready_waiting()):
             return
         with self._cv:
             self.take_incoming()
+        self._drop_dead(self._waiting)  # never running ones: the paused step still uses their rows
         self._admit()
         prefilling = [s for s in self._running if s.prefilling]
         if not prefilling:
@@ -275,9 +276,10 @@ class Engine:
         self._run(plan)
         self._interrupted = True  # _run reset it: this step has had its prefill
 
-    def _drop_dead(self) -> None:
+    def _drop_dead(self, states: list[RequestState] | None = None) -> None:
+        """Fail and remove cancelled or expired requests among ``states`` (default: all)."""
         t = now()
-        for state in [*self._waiting, *self._running]:
+        for state in list(states) if states is not None else [*self._waiting, *self._running]:
             error: BaseException | None = None
             if state.cancelled.is_set():
                 error = CancelledError("the request was cancelled")
