@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from loraswap.device import pick_device
 from loraswap.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -39,7 +40,6 @@ from loraswap.server.api import (
 )
 from loraswap.server.config import EngineConfig
 from loraswap.server.detok import TextStream
-from loraswap.server.device import pick_device
 from loraswap.server.forward import PackedForward, SeqChunk, chunk_order
 from loraswap.server.kv_cache import KVCache
 from loraswap.server.lora_layer import install_lora_layers

@@ -218,8 +218,8 @@ class EngineCollector(Collector):
 
 
 def memory_metrics(device: str) -> list[GaugeMetricFamily]:
-    """Host RSS always; device memory on CUDA (via :mod:`loraswap.server.device`); utilization with NVML."""
-    from loraswap.server import device as dev
+    """Host RSS always; device memory on CUDA (via :mod:`loraswap.device`); utilization with NVML."""
+    from loraswap import device as dev
 
     rss = GaugeMetricFamily("loraswap_host_memory_rss_bytes", "Resident set size of the server process")
     rss.add_metric([], dev.host_rss_bytes())

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from loraswap.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_key
+from loraswap.device import device_allocated_bytes, host_rss_bytes
 from loraswap.registry.registry import open_registry
 from loraswap.server.config import EngineConfig
-from loraswap.server.device import device_allocated_bytes, host_rss_bytes
 from loraswap.server.engine import Engine
 
 CYCLES = 1000

@@ -70,19 +70,22 @@ def latest_checkpoint(output: Path) -> Path | None:
 def _rng_states() -> dict[str, Any]:
     import torch
 
+    from loraswap.device import cuda_rng_states
+
     states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    if (cuda := cuda_rng_states()) is not None:
+        states["cuda"] = cuda
     return states
 
 
 def _set_rng_states(states: dict[str, Any]) -> None:
     import torch
 
+    from loraswap.device import set_cuda_rng_states
+
     torch.set_rng_state(states["torch"])
     random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    set_cuda_rng_states(states.get("cuda"))
 
 
 def save_checkpoint(output: Path, model, optimizer, scheduler, state: TrainerState) -> Path:

@@ -20,7 +20,9 @@ def pick_device(config: TrainConfig):
     """The torch device of a run; QLoRA (or an explicit cuda device) without CUDA is an error."""
     import torch
 
-    cuda = torch.cuda.is_available()
+    from loraswap.device import cuda_available
+
+    cuda = cuda_available()
     if config.qlora and not cuda:
         raise InvalidArgumentError(
             "QLoRA needs a CUDA GPU (bitsandbytes 4-bit training); none is available here. "

@@ -1,4 +1,5 @@
-"""The one module that touches ``torch.cuda``: device choice, memory figures, synchronisation."""
+"""The one module that touches ``torch.cuda`` (engine, trainer, metrics): device choice, memory figures,
+random-number state."""
 
 from __future__ import annotations
 
@@ -22,6 +23,17 @@ def pick_device(requested: str | None) -> torch.device:
             raise InvalidArgumentError(f"device {requested!r} asked for, but CUDA is not available")
         return device
     return torch.device("cuda") if cuda_available() else torch.device("cpu")
+
+
+def cuda_rng_states() -> list[torch.Tensor] | None:
+    """The RNG state of every CUDA device (None without CUDA), for checkpoints."""
+    return torch.cuda.get_rng_state_all() if cuda_available() else None
+
+
+def set_cuda_rng_states(states: list[torch.Tensor] | None) -> None:
+    """Restore :func:`cuda_rng_states` (ignored without CUDA or without saved states)."""
+    if states is not None and cuda_available():
+        torch.cuda.set_rng_state_all(states)
 
 
 def device_memory(device: torch.device) -> tuple[int, int] | None:
