@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +33,9 @@ class _Usage:
     name: str
     hits: int = 0
     last_used: float = 0.0
+
+
+MAX_TRACKED = 10_000  # adapters remembered (listings, hit counts) besides those in the device/host tiers
 
 
 class AdapterManager:
@@ -62,7 +66,8 @@ class AdapterManager:
         self._lock = threading.Lock()
         self._loads: dict[str, Future[HostAdapter]] = {}
         self._resolved: dict[str, tuple[float, str, str, str | None]] = {}
-        self._usage: dict[str, _Usage] = {}
+        self._usage: OrderedDict[str, _Usage] = OrderedDict()  # least recently touched first
+        self.max_tracked = MAX_TRACKED
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-load")
 
     @property
@@ -108,7 +113,7 @@ class AdapterManager:
 
     def _host_future(self, name: str, digest: str, fingerprint: str | None) -> Future[HostAdapter]:
         with self._lock:
-            self._usage.setdefault(digest, _Usage(name))
+            self._track(name, digest)
             hit = self.slots.slot_of(digest) is not None
             self.observer.on_cache_lookup("device", hit)
             adapter = self.host.get(digest)
@@ -174,7 +179,21 @@ class AdapterManager:
     def remember(self, name: str, digest: str) -> None:
         """Track ``digest`` for listings (an adapter pulled to disk without being loaded)."""
         with self._lock:
-            self._usage.setdefault(digest, _Usage(name))
+            self._track(name, digest)
+
+    def _track(self, name: str, digest: str) -> None:
+        """Remember ``digest`` (caller holds the lock); past ``max_tracked`` entries, forget the least
+        recently touched ones that are in no memory tier and not loading, so the table stays bounded."""
+        self._usage.setdefault(digest, _Usage(name))
+        self._usage.move_to_end(digest)
+        while len(self._usage) > self.max_tracked:
+            victim = next((d for d in self._usage if d != digest and not self._held(d)), None)
+            if victim is None:
+                break
+            del self._usage[victim]
+
+    def _held(self, digest: str) -> bool:
+        return digest in self.slots or self.host.peek(digest) is not None or digest in self._loads
 
     def note_use(self, digest: str) -> None:
         usage = self._usage.get(digest)

@@ -510,3 +510,18 @@ def test_a_request_arriving_mid_decode_step_is_prefilled_inside_that_step(
     finally:
         alone.stop(drain_timeout=1)
         engine.stop(drain_timeout=1)
+
+
+def test_the_table_of_known_adapters_stays_bounded_and_keeps_resident_ones(engine: Engine) -> None:
+    names = list(ADAPTER_SPECS)
+    engine.adapters.max_tracked = 3
+    engine.load_adapter(names[0], "device")
+    engine.load_adapter(names[1], "host")
+    for name in names[2:]:
+        engine.load_adapter(name, "disk")  # pulled and remembered, in no memory tier
+    listed = [s.name for s in engine.list_adapters()]
+    assert len(listed) == 3
+    assert names[0] in listed and names[1] in listed  # on the device / in host RAM: never forgotten
+    assert names[-1] in listed  # the most recent one of the rest
+    engine.load_adapter(names[2], "device")  # a forgotten adapter comes back when used again
+    assert names[2] in [s.name for s in engine.list_adapters()]
