@@ -22,8 +22,8 @@ class HostAdapter:
         digest: Version digest (the cache key).
         rank: Largest rank over its modules.
         modules: Module path → (``a: [r, in]``, ``bt: [r, out]`` with the LoRA scaling folded in), in
-            the slot dtype, row-contiguous. When the file's dtype is the slot dtype these are views of
-            the file's one read buffer.
+            the slot dtype. When the file's dtype is the slot dtype these are views of the file's one
+            read buffer.
         file_bytes: Size of ``adapter_model.safetensors`` on disk.
     """
 
@@ -74,17 +74,15 @@ def non_finite_modules(pairs: dict[str, dict[str, torch.Tensor]]) -> list[str]:
 
 
 def _host_pair(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype):
-    """``(a, scale * b^T)``, both row-contiguous in the slot dtype, so that every activation of the
-    adapter copies them into slot buffers without a strided transpose. When the file's dtype is the
-    slot dtype, B^T is written back over B's bytes in the (private) read buffer: the host copy stays the
-    size of the file. Otherwise converted copies, scaled before the cast (one rounding)."""
-    if a.dtype != dtype or b.dtype != dtype:
-        return a.to(dtype), (b * scale).to(dtype).T.contiguous()
-    bt = b.T.contiguous()
-    if scale != 1.0:
-        bt.mul_(scale)
-    in_place = b.view(-1).copy_(bt.view(-1)).view(bt.shape)
-    return a, in_place
+    """``(a, scale * b^T)`` in the slot dtype: views of the (private) read buffer, B scaled in place,
+    when the file's dtype is the slot dtype; else converted copies, scaled before the cast (one
+    rounding). B^T stays a transposed view: writing it back row-contiguous cost ~4 ms per all-projection
+    adapter on the load path to save ~0.4 ms per activation."""
+    if a.dtype == dtype and b.dtype == dtype:
+        if scale != 1.0:
+            b.mul_(scale)
+        return a, b.T
+    return a.to(dtype), (b * scale).to(dtype).T
 
 
 def read_host_adapter(
