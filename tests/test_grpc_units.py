@@ -322,3 +322,7 @@ def test_deploy_example_config_loads() -> None:
     example = Path(__file__).resolve().parents[1] / "deploy" / "serve.example.yaml"
     s = load_settings(config_file=example, env={})
     assert s.metrics_adapters == ("support-bot", "sql-helper") and s.engine.registry == "s3://adapters/prod"
+    from loraswap.server.settings import ENGINE_FIELDS, SERVE_FIELDS
+
+    text = example.read_text().lower()
+    assert [name for name in [*SERVE_FIELDS, *ENGINE_FIELDS] if name not in text] == []  # every setting shown
