@@ -110,6 +110,9 @@ class Engine:
         self._stopping = False
         self._last_step_prefilled = False
         self._interrupted = False  # the decode step in flight has already run a prefill between layers
+        self._nested_s = 0.0  # seconds of that prefill (not counted as the decode step's own time)
+        self._adapters_ready = False  # an adapter load finished since the last look between layers
+        self._prefill_deferred = False  # this decode step's plan left admitted prompts for later
         self.draining = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -160,7 +163,7 @@ class Engine:
                 raise OverloadedError(f"the request queue is full ({self.config.max_queue} waiting)")
             future = self.adapters.request(request.adapter) if request.adapter else None
             if future is not None:
-                future.add_done_callback(lambda _: self._wake())
+                future.add_done_callback(self._adapter_ready)
             state = RequestState(
                 request=request,
                 prompt_ids=prompt_ids,
@@ -180,6 +183,10 @@ class Engine:
     def _wake(self) -> None:
         with self._cv:
             self._cv.notify()
+
+    def _adapter_ready(self, _future: object) -> None:
+        self._adapters_ready = True  # read between layers of a decode step (a plain flag: no lock there)
+        self._wake()
 
     def _encode(self, request: GenerationRequest) -> list[int]:
         problems = request.sampling.problems()
@@ -251,18 +258,23 @@ class Engine:
         self, plan: list[tuple[RequestState, SeqChunk]], between_layers: Callable[[], None] | None = None
     ) -> None:
         started = time.perf_counter()
-        self._interrupted = False
+        self._interrupted, self._nested_s = False, 0.0
         logits = self.forward([chunk for _, chunk in plan], between_layers)
         self._advance(plan, logits)
         distinct = len({c.slot for _, c in plan if c.slot >= 0})
         prefill = sum(len(c.token_ids) for _, c in plan if len(c.token_ids) > 1)
-        self.observer.on_step(len(plan), distinct, prefill, time.perf_counter() - started)
+        seconds = time.perf_counter() - started - self._nested_s  # a nested prefill reports itself
+        self.observer.on_step(len(plan), distinct, prefill, seconds)
 
     def _prefill_between_layers(self) -> None:
         """Called between two layers of a decode step: if requests arrived (or their adapters became
-        ready) since the step began, admit them and run their prefill now, once per step."""
-        if self._interrupted or self.kv.free_rows == 0 or not (self._incoming or self._ready_waiting()):
-            return
+        ready) since the step began, or admitted prompts wait for their turn, run one prefill step now
+        (once per decode step). Decodes wait for one bounded prefill either way; first tokens do not
+        wait for the decode step in flight."""
+        pending = self._incoming or self._adapters_ready or self._prefill_deferred
+        if self._interrupted or not pending:
+            return  # O(1) per layer: nothing arrived, no adapter load finished, no prefill waits its turn
+        self._adapters_ready = self._prefill_deferred = False
         with self._cv:
             self.take_incoming()
         self._drop_dead(self._waiting)  # never running ones: the paused step still uses their rows
@@ -273,8 +285,10 @@ class Engine:
         self._interrupted = True
         plan = self._prefill_plan(prefilling)
         self._last_step_prefilled = True
+        started = time.perf_counter()
         self._run(plan)
-        self._interrupted = True  # _run reset it: this step has had its prefill
+        self._interrupted = True  # _run reset both: this step has had its prefill, which took
+        self._nested_s = time.perf_counter() - started
 
     def _drop_dead(self, states: list[RequestState] | None = None) -> None:
         """Fail and remove cancelled or expired requests among ``states`` (default: all)."""
@@ -317,8 +331,10 @@ class Engine:
         most one bounded prefill step); with ``mixed`` they share every step."""
         prefilling = [s for s in self._running if s.prefilling]
         decoding = [s for s in self._running if not s.prefilling]
+        self._prefill_deferred = False
         if self.config.prefill_policy == "separate" and prefilling and decoding:
             run_prefill = not self._last_step_prefilled
+            self._prefill_deferred = not run_prefill  # between layers of this decode step, if enabled
             prefilling, decoding = (prefilling, []) if run_prefill else ([], decoding)
         plan = [(s, SeqChunk(s.row, s.next_input(1), s.cached, s.slot, True)) for s in decoding]
         plan += self._prefill_plan(prefilling)
