@@ -525,3 +525,33 @@ def test_the_table_of_known_adapters_stays_bounded_and_keeps_resident_ones(engin
     assert names[-1] in listed  # the most recent one of the rest
     engine.load_adapter(names[2], "device")  # a forgotten adapter comes back when used again
     assert names[2] in [s.name for s in engine.list_adapters()]
+
+
+@pytest.mark.parametrize("between_layers", [True, False])
+def test_a_prompt_the_alternation_defers_is_prefilled_inside_the_decode_step(
+    tiny_base: Path, registry_with_adapters, between_layers: bool
+) -> None:
+    registry, _ = registry_with_adapters
+    config = EngineConfig(
+        base=str(tiny_base), quantization="fp32", adapter_slots=8, max_rank=32, max_batch_size=16,
+        max_seq_len=96, prefill_between_layers=between_layers,
+    )  # fmt: skip
+    engine = Engine(config, registry=registry)  # not started: the test runs each step itself
+    try:
+        names = list(ADAPTER_SPECS)
+        first = [
+            engine.submit(GenerationRequest(adapter=n, prompt=PROMPTS[i], sampling=greedy(6)))
+            for i, n in enumerate(names[:2])
+        ]
+        _drive(engine, lambda: len(engine._running) == 2 and all(s.output_ids for s in engine._running))
+        late = engine.submit(GenerationRequest(adapter=names[2], prompt=PROMPTS[2], sampling=greedy(3)))
+        late.state.adapter.result(timeout=30)
+        engine.take_incoming()
+        engine._last_step_prefilled = True  # so the alternation picks a decode step now
+        engine.step()
+        assert all(len(h.state.output_ids) == 2 for h in first)  # the decode step ran
+        assert len(late.state.output_ids) == (1 if between_layers else 0)
+        _drive(engine, lambda: not (engine._incoming or engine._waiting or engine._running))
+        assert len(late.result().token_ids) == 3
+    finally:
+        engine.stop(drain_timeout=1)
