@@ -29,9 +29,10 @@ class EngineConfig:
         prefill_policy: ``separate``: prefill steps and decode steps take turns, so a new request's first
             token waits for at most one step and running decodes for at most one bounded prefill step;
             ``mixed``: prefill chunks ride along with every decode step (fewer steps, later first tokens).
-        prefill_between_layers: With ``separate``: a request that arrives while a decode step runs has
-            its prefill run between two decoder layers of that step (the paused step then finishes),
-            so its first token does not wait for the step in flight. At most one such prefill per step.
+        prefill_between_layers: With ``separate``: a request that arrives while a decode step runs (or
+            a prompt the alternation left for later) has its prefill run between two decoder layers of
+            that step, after which the paused step finishes; its first token does not wait for the
+            step in flight. At most one such prefill (``prefill_chunk`` tokens) per decode step.
         host_cache_bytes: Byte budget of adapters kept in host RAM (LRU).
         tag_ttl_s: Seconds a resolved tag → digest mapping is trusted before asking the registry again.
         load_workers: Threads that fetch and parse adapters in the background.
