@@ -468,16 +468,20 @@ def _drive(engine: Engine, done, timeout: float = 60.0) -> None:
             time.sleep(0.005)  # adapters still loading in the background
 
 
-@pytest.mark.parametrize("between_layers", [True, False])
-def test_a_request_arriving_mid_decode_step_is_prefilled_inside_that_step(
-    tiny_base: Path, registry_with_adapters, between_layers: bool
-) -> None:
-    registry, _ = registry_with_adapters
+def _stepped_engine(tiny_base: Path, registry, between_layers: bool) -> Engine:
+    """An engine whose step loop is not started: the test runs each step itself (see :func:`_drive`)."""
     config = EngineConfig(
         base=str(tiny_base), quantization="fp32", adapter_slots=8, max_rank=32, max_batch_size=16,
         max_seq_len=96, prefill_between_layers=between_layers,
     )  # fmt: skip
-    engine = Engine(config, registry=registry)  # not started: the test runs each step itself
+    return Engine(config, registry=registry)
+
+
+@pytest.mark.parametrize("between_layers", [True, False])
+def test_a_request_arriving_mid_decode_step_is_prefilled_inside_that_step(
+    tiny_base: Path, registry_with_adapters, between_layers: bool
+) -> None:
+    engine = _stepped_engine(tiny_base, registry_with_adapters[0], between_layers)
     names = list(ADAPTER_SPECS)
     requests = [
         GenerationRequest(adapter=n, prompt=PROMPTS[i], sampling=greedy(6)) for i, n in enumerate(names[:3])
@@ -501,7 +505,7 @@ def test_a_request_arriving_mid_decode_step_is_prefilled_inside_that_step(
     assert all(len(s.output_ids) == before[id(s)] + 1 for s in decoders)  # the step still finished
     assert len(probe[0].state.output_ids) == (1 if between_layers else 0)
     _drive(engine, lambda: not (engine._incoming or engine._waiting or engine._running))
-    alone = Engine(config, registry=registry)
+    alone = _stepped_engine(tiny_base, registry_with_adapters[0], between_layers)
     try:
         for request, handle in zip([*requests, probe_request], [*handles, *probe], strict=True):
             solo = alone.submit(request)
@@ -531,12 +535,7 @@ def test_the_table_of_known_adapters_stays_bounded_and_keeps_resident_ones(engin
 def test_a_prompt_the_alternation_defers_is_prefilled_inside_the_decode_step(
     tiny_base: Path, registry_with_adapters, between_layers: bool
 ) -> None:
-    registry, _ = registry_with_adapters
-    config = EngineConfig(
-        base=str(tiny_base), quantization="fp32", adapter_slots=8, max_rank=32, max_batch_size=16,
-        max_seq_len=96, prefill_between_layers=between_layers,
-    )  # fmt: skip
-    engine = Engine(config, registry=registry)  # not started: the test runs each step itself
+    engine = _stepped_engine(tiny_base, registry_with_adapters[0], between_layers)
     try:
         names = list(ADAPTER_SPECS)
         first = [
