@@ -171,7 +171,7 @@ def test_decode_attention_is_the_same_for_any_placement_of_kv_rows(
         torch.testing.assert_close(logits[i], expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("quantization", ["fp32", "bf16", "nf4"])
+@pytest.mark.parametrize("quantization", ["fp32", "bf16", "fp16", "nf4", "int8"])
 def test_base_output_unchanged_after_200_adapter_loads(
     tiny_base: Path, registry_with_adapters, quantization
 ) -> None:
