@@ -113,6 +113,7 @@ class Engine:
         self._nested_s = 0.0  # seconds of that prefill (not counted as the decode step's own time)
         self._adapters_ready = False  # an adapter load finished since the last look between layers
         self._prefill_deferred = False  # this decode step's plan left admitted prompts for later
+        self._in_step: set[int] = set()  # ids of the requests of the step in flight
         self.draining = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -252,6 +253,7 @@ class Engine:
         plan = self._plan()
         decode_only = all(len(c.token_ids) == 1 for _, c in plan)
         interrupt = self.config.prefill_policy == "separate" and self.config.prefill_between_layers
+        self._in_step = {id(state) for state, _ in plan}
         self._run(plan, self._prefill_between_layers if decode_only and interrupt else None)
 
     def _run(
@@ -279,7 +281,8 @@ class Engine:
             self.take_incoming()
         self._drop_dead(self._waiting)  # never running ones: the paused step still uses their rows
         self._admit()
-        prefilling = [s for s in self._running if s.prefilling]
+        # not the paused step's own requests (a one-token last prompt chunk counts as a decode there)
+        prefilling = [s for s in self._running if s.prefilling and id(s) not in self._in_step]
         if not prefilling:
             return
         self._interrupted = True

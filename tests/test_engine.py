@@ -468,11 +468,11 @@ def _drive(engine: Engine, done, timeout: float = 60.0) -> None:
             time.sleep(0.005)  # adapters still loading in the background
 
 
-def _stepped_engine(tiny_base: Path, registry, between_layers: bool) -> Engine:
+def _stepped_engine(tiny_base: Path, registry, between_layers: bool, **overrides) -> Engine:
     """An engine whose step loop is not started: the test runs each step itself (see :func:`_drive`)."""
     config = EngineConfig(
         base=str(tiny_base), quantization="fp32", adapter_slots=8, max_rank=32, max_batch_size=16,
-        max_seq_len=96, prefill_between_layers=between_layers,
+        max_seq_len=96, prefill_between_layers=between_layers, **overrides,
     )  # fmt: skip
     return Engine(config, registry=registry)
 
@@ -547,10 +547,49 @@ def test_a_prompt_the_alternation_defers_is_prefilled_inside_the_decode_step(
         late.state.adapter.result(timeout=30)
         engine.take_incoming()
         engine._last_step_prefilled = True  # so the alternation picks a decode step now
+        before = [len(h.state.output_ids) for h in first]
         engine.step()
-        assert all(len(h.state.output_ids) == 2 for h in first)  # the decode step ran
+        assert [len(h.state.output_ids) for h in first] == [n + 1 for n in before]  # the decode step ran
         assert len(late.state.output_ids) == (1 if between_layers else 0)
         _drive(engine, lambda: not (engine._incoming or engine._waiting or engine._running))
         assert len(late.result().token_ids) == 3
     finally:
         engine.stop(drain_timeout=1)
+
+
+def test_a_one_token_last_prompt_chunk_is_not_prefilled_twice_when_a_request_arrives(
+    tiny_base: Path, registry_with_adapters
+) -> None:
+    """A step holding only a one-token last prompt chunk looks like a decode step; a request arriving
+    during it is prefilled between layers, but the step's own chunk must not run again there."""
+    names = list(ADAPTER_SPECS)
+    request = GenerationRequest(adapter=names[0], prompt=PROMPTS[0], sampling=greedy(4))
+    probe_request = GenerationRequest(adapter=names[1], prompt=PROMPTS[1], sampling=greedy(3))
+    solo = _stepped_engine(tiny_base, registry_with_adapters[0], True)
+    engine = None
+    try:
+        expected = solo.submit(request)
+        _drive(solo, lambda: not (solo._incoming or solo._waiting or solo._running))
+        prompt_len = len(solo.tokenizer(PROMPTS[0])["input_ids"])
+        engine = _stepped_engine(tiny_base, registry_with_adapters[0], True, prefill_chunk=prompt_len - 1)
+        engine.load_adapter(names[1], "host")
+        handle = engine.submit(request)
+        _drive(engine, lambda: bool(engine._running) and engine._running[0].cached == prompt_len - 1)
+        probe: list = []
+
+        def arrive_now(*_) -> None:
+            if not probe:
+                probe.append(engine.submit(probe_request))
+                probe[0].state.adapter.result(timeout=30)
+
+        arrive = engine.forward.inner.layers[0].input_layernorm.register_forward_pre_hook(arrive_now)
+        engine.step()  # only the one-token last chunk of the prompt, and the probe arriving
+        arrive.remove()
+        assert handle.state.cached == prompt_len and len(handle.state.output_ids) == 1
+        assert probe[0].state.cached > 0  # its first prompt chunk ran inside the step
+        _drive(engine, lambda: not (engine._incoming or engine._waiting or engine._running))
+        assert handle.result().token_ids == expected.result().token_ids
+    finally:
+        solo.stop(drain_timeout=1)
+        if engine is not None:
+            engine.stop(drain_timeout=1)
