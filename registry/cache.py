@@ -76,10 +76,10 @@ def _still_verified(folder: Path, manifest: Manifest) -> bool:
         return False
 
 
-def folder_problems(folder: Path, manifest: Manifest) -> list[str]:
+def folder_problems(folder: Path, manifest: Manifest, rehash: bool = False) -> list[str]:
     """Files of ``folder`` that are missing or differ from ``manifest`` (hashed unless unchanged since
-    they were last verified)."""
-    if _still_verified(folder, manifest):
+    they were last verified, or always with ``rehash``)."""
+    if not rehash and _still_verified(folder, manifest):
         return []
     problems = []
     for entry in manifest.files:
@@ -108,11 +108,14 @@ def download_blob(store: ObjectStore, digest: str, dest: Path, progress: Progres
         raise IntegrityError(f"blob {digest} in {store.url} is corrupt; run `loraswap registry verify`")
 
 
-def cached_version(store: ObjectStore, manifest: Manifest, progress: Progress | None = None) -> Path:
-    """The verified cache folder of ``manifest``, downloading it if absent or corrupt."""
+def cached_version(
+    store: ObjectStore, manifest: Manifest, progress: Progress | None = None, rehash: bool = False
+) -> Path:
+    """The verified cache folder of ``manifest``, downloading it if absent or corrupt (``rehash``: hash
+    the cached files even when their stats say they are unchanged)."""
     root = paths.adapter_cache_dir()
     final = root / manifest.hex
-    if final.is_dir() and not folder_problems(final, manifest):
+    if final.is_dir() and not folder_problems(final, manifest, rehash):
         return final
     temp = root / f".tmp-{uuid.uuid4().hex}"
     temp.mkdir(parents=True)
@@ -120,7 +123,7 @@ def cached_version(store: ObjectStore, manifest: Manifest, progress: Progress | 
         for entry in manifest.files:
             download_blob(store, entry.digest, temp / entry.path, progress)
         if final.exists():
-            if not folder_problems(final, manifest):  # another puller put a good copy in place meanwhile
+            if not folder_problems(final, manifest, rehash):  # another puller put a good copy in place
                 return final
             shutil.rmtree(final, ignore_errors=True)  # corrupt or partial entry
         try:

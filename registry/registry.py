@@ -221,16 +221,18 @@ class Registry:
             raise NotFoundError(f"tag {parsed} not found in {self.url}")
         return self._manifest(parsed.name, target[0])
 
-    def pull(self, ref: str, dest: Path | None = None) -> Path:
+    def pull(self, ref: str, dest: Path | None = None, rehash: bool = False) -> Path:
         """Fetch a version into the verified local cache (reused when intact) and return its folder.
 
         Args:
             ref: Adapter reference.
             dest: Also copy the files there (created if needed) and return it instead of the cache folder.
+            rehash: Hash a cached copy even when its files' stats are unchanged since it was verified
+                (a reader that found the cached files unreadable asks for this before giving up).
         """
         manifest = self.resolve(ref)
         with self._bar(manifest.size, f"pull {manifest.name}") as progress:
-            folder = cached_version(self.store, manifest, progress)
+            folder = cached_version(self.store, manifest, progress, rehash)
         if dest is None:
             return folder
         dest = Path(dest)

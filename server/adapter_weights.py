@@ -112,9 +112,10 @@ def read_host_adapter(
     if problems:
         raise AdapterValidationError(f"adapter {name!r} has malformed weights", problems)
     pairs = _pair_tensors(tensors)
+    if not loaded.all_finite():  # push refuses these: the file is damaged, not merely unsuited
+        problems = [f"{module}: weights contain NaN or Inf" for module in non_finite_modules(pairs)]
+        raise AdapterValidationError(f"adapter {name!r} has NaN or Inf weights", problems)
     problems = base_compat_problems(config, shapes, base.weight_shapes())
-    if not loaded.all_finite():
-        problems += [f"{module}: weights contain NaN or Inf" for module in non_finite_modules(pairs)]
     if fingerprint and fingerprint != base.fingerprint:
         problems.append(f"it was made for base {fingerprint}, the server runs {base.fingerprint}")
     modules = {}

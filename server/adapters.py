@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from loraswap import paths
-from loraswap.errors import LoraswapError, NotFoundError
+from loraswap.errors import AdapterValidationError, LoraswapError, NotFoundError
 from loraswap.server.adapter_weights import BaseShape, HostAdapter, read_host_adapter
 from loraswap.server.api import AdapterStatus, EngineObserver, Tier
 from loraswap.server.host_cache import HostCache
@@ -130,13 +130,23 @@ class AdapterManager:
         self._pool.submit(self._load, name, digest, fingerprint, future)
         return future
 
+    def _read(self, name: str, digest: str, fingerprint: str | None) -> HostAdapter:
+        """Pull ``name@digest`` to the disk cache and read it. A cached copy trusted by its file stats
+        that turns out invalid is hashed again (and fetched again if corrupt) before the error stands."""
+        ref = f"{name}@{digest}"
+        folder = self.registry.pull(ref)
+        try:
+            return read_host_adapter(folder, name, digest, self.base, self.dtype, fingerprint)
+        except AdapterValidationError:
+            folder = self.registry.pull(ref, rehash=True)
+            return read_host_adapter(folder, name, digest, self.base, self.dtype, fingerprint)
+
     def _load(self, name: str, digest: str, fingerprint: str | None, future: Future[HostAdapter]) -> None:
         started = time.perf_counter()
         try:
             on_disk = (paths.adapter_cache_dir() / digest.split(":")[-1]).is_dir()
             self.observer.on_cache_lookup("disk", on_disk)
-            folder = self.registry.pull(f"{name}@{digest}")
-            adapter = read_host_adapter(folder, name, digest, self.base, self.dtype, fingerprint)
+            adapter = self._read(name, digest, fingerprint)
             with self._lock:
                 evicted = self.host.put(adapter, keep=set(self.slots.keys()))
             for _ in evicted:

@@ -593,3 +593,40 @@ def test_a_one_token_last_prompt_chunk_is_not_prefilled_twice_when_a_request_arr
         solo.stop(drain_timeout=1)
         if engine is not None:
             engine.stop(drain_timeout=1)
+
+
+def test_a_cached_copy_damaged_behind_unchanged_stats_is_fetched_again(
+    tiny_base: Path, registry_with_adapters
+) -> None:
+    """The disk cache is trusted by file stats; a damaged file whose size and mtime were kept still
+    loads correctly: the failed read makes the engine hash the copy again and fetch it anew."""
+    import os
+
+    from loraswap import paths
+
+    registry, folders = registry_with_adapters
+    name = next(iter(ADAPTER_SPECS))
+    manifest = registry.resolve(name)
+    cached = registry.pull(name) / "adapter_model.safetensors"
+    stat = cached.stat()
+    data = bytearray(cached.read_bytes())
+    data[20:40] = b"\xff" * 20  # inside the JSON header: unreadable
+    cached.write_bytes(bytes(data))
+    os.utime(cached, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same mtime, same inode
+    after = cached.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    assert registry.pull(name) == cached.parent  # trusted without hashing: still the damaged bytes
+    engine = make_engine(tiny_base, registry)
+    try:
+        request = GenerationRequest(adapter=name, prompt=PROMPTS[0], sampling=greedy(6))
+        got = engine.generate(request)
+        assert got.adapter_digest == manifest.digest
+        assert (paths.adapter_cache_dir() / manifest.hex / "adapter_model.safetensors").read_bytes() == (
+            folders[name] / "adapter_model.safetensors"
+        ).read_bytes()
+        oracle = peft_model(tiny_base, folders[name])
+        ids = engine.tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+        expected = oracle.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert list(got.token_ids) == expected[0, ids.shape[1] :].tolist()
+    finally:
+        engine.stop(drain_timeout=5)
