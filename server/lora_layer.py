@@ -64,6 +64,7 @@ class LoraContext:
         self.rank = self.max_rank if rank and 2 * rank >= self.max_rank > 0 else rank
         found = group_layout(slot_list)
         grid_cells = found[1] * found[2] if found else 0
+        self.layout = None
         if found:
             self.layout = (*found[:3], torch.tensor(found[3], dtype=torch.long, device=device))
         self.op = choose_op(mode, len(slot_list), len(self.runs), grid_cells)
@@ -80,12 +81,9 @@ class LoraContext:
         return dataclasses.replace(self)
 
     def restore(self, saved: LoraContext) -> None:
+        """Put back a :meth:`snapshot` (after a forward, the state from before it)."""
         for f in dataclasses.fields(self):
             setattr(self, f.name, getattr(saved, f.name))
-
-    def clear(self) -> None:
-        self.slots, self.runs, self.rank, self.layout, self.op = None, [], 0, None, None
-        self.in_place, self.used = False, frozenset()
 
 
 def choose_op(
