@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,9 +34,10 @@ class HostAdapter:
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     file_bytes: int = 0
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
-        """Host memory held: every distinct storage behind the tensors (a shared read buffer counts once)."""
+        """Host memory held: every distinct storage behind the tensors (a shared read buffer counts once;
+        computed once, as the host cache sums it on every insertion)."""
         storages = {}
         for a, bt in self.modules.values():
             for t in (a, bt):
