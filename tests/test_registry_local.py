@@ -174,17 +174,7 @@ def test_cas_never_loses_an_update(root: Path) -> None:
     store = LocalStore(root)
     store.compare_and_swap("counter", b"0", None)
 
-    def work() -> None:
-        for _ in range(25):
-            while True:
-                data, etag = store.read("counter")
-                try:
-                    store.compare_and_swap("counter", str(int(data) + 1).encode(), etag)
-                    break
-                except ConflictError:
-                    continue
-
-    threads = [threading.Thread(target=work) for _ in range(8)]
+    threads = [threading.Thread(target=_increment_in, args=(store, 25)) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -327,7 +317,11 @@ def test_any_peft_adapter_round_trips(reg: Registry, make_adapter, tiny_base: Pa
 
 
 def _increment(root: str, times: int) -> None:
-    store = LocalStore(Path(root))
+    _increment_in(LocalStore(Path(root)), times)
+
+
+def _increment_in(store: LocalStore, times: int) -> None:
+    """Add 1 to ``counter`` ``times`` times by read + compare-and-swap, retrying on conflict."""
     for _ in range(times):
         while True:
             data, etag = store.read("counter")
