@@ -19,10 +19,10 @@ import torch
 
 from loraswap import paths
 from loraswap.errors import AdapterValidationError, LoraswapError, NotFoundError
-from loraswap.server.adapter_weights import BaseShape, HostAdapter, read_host_adapter
+from loraswap.server.adapter_weights import AdapterReader, BaseShape, HostAdapter
 from loraswap.server.api import AdapterStatus, EngineObserver, Tier
 from loraswap.server.host_cache import HostCache
-from loraswap.server.lora_layer import BatchedLoraLinear, fill_slot
+from loraswap.server.lora_layer import BatchedLoraLinear, fill_slot, fill_slot_bits
 from loraswap.server.slots import SlotTable
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,11 @@ class AdapterManager:
         self._resolved: dict[str, tuple[float, str, str, str | None]] = {}
         self._usage: OrderedDict[str, _Usage] = OrderedDict()  # least recently touched first
         self.max_tracked = MAX_TRACKED
+        self.reader = AdapterReader(base, dtype)
+        # On CPU, slot fills copy numpy views of the bits (host tensors are in the slot dtype already)
+        self._cpu_slots = all(
+            layer.a.device.type == "cpu" and layer.a.dtype == dtype for layer in layers.values()
+        )
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-load")
 
     @property
@@ -105,13 +110,19 @@ class AdapterManager:
     def _resolve_then_load(self, ref: str, outer: Future[HostAdapter]) -> None:
         try:
             name, digest, fingerprint = self.resolve(ref)
-            inner = self._host_future(name, digest, fingerprint)
+            inner, start = self._host_future(name, digest, fingerprint)
             inner.add_done_callback(lambda f: _chain(f, outer))
+            if start:  # this worker loads it (a second hand-off to the pool cost ~0.2 ms per load)
+                self._load(name, digest, fingerprint, inner)
         except LoraswapError as exc:
             self.observer.on_load_failure(type(exc).__name__)
             outer.set_exception(exc)
 
-    def _host_future(self, name: str, digest: str, fingerprint: str | None) -> Future[HostAdapter]:
+    def _host_future(
+        self, name: str, digest: str, fingerprint: str | None
+    ) -> tuple[Future[HostAdapter], bool]:
+        """The future for ``digest``'s host copy: done on a host hit, shared with a load in flight, or
+        new; True when it is new and the caller must run :meth:`_load` for it."""
         with self._lock:
             self._track(name, digest)
             hit = self.slots.slot_of(digest) is not None
@@ -122,13 +133,12 @@ class AdapterManager:
             if adapter is not None:
                 done: Future[HostAdapter] = Future()
                 done.set_result(adapter)
-                return done
+                return done, False
             if digest in self._loads:
-                return self._loads[digest]
+                return self._loads[digest], False
             future: Future[HostAdapter] = Future()
             self._loads[digest] = future
-        self._pool.submit(self._load, name, digest, fingerprint, future)
-        return future
+        return future, True
 
     def _read(self, name: str, digest: str, fingerprint: str | None) -> HostAdapter:
         """Pull ``name@digest`` to the disk cache and read it. A cached copy trusted by its file stats
@@ -136,10 +146,10 @@ class AdapterManager:
         ref = f"{name}@{digest}"
         folder = self.registry.pull(ref)
         try:
-            return read_host_adapter(folder, name, digest, self.base, self.dtype, fingerprint)
+            return self.reader.read(folder, name, digest, fingerprint)
         except AdapterValidationError:
             folder = self.registry.pull(ref, rehash=True)
-            return read_host_adapter(folder, name, digest, self.base, self.dtype, fingerprint)
+            return self.reader.read(folder, name, digest, fingerprint)
 
     def _load(self, name: str, digest: str, fingerprint: str | None, future: Future[HostAdapter]) -> None:
         started = time.perf_counter()
@@ -178,10 +188,19 @@ class AdapterManager:
         return slot
 
     def _copy_into(self, slot: int, adapter: HostAdapter) -> None:
-        fill_slot(
-            slot,
-            [(layer, *adapter.modules.get(module, (None, None))) for module, layer in self.layers.items()],
-        )
+        scales = adapter.scales
+        if self._cpu_slots:
+            bits = adapter.cpu_bits()
+            parts = [
+                (layer, *bits.get(m, (None, None)), scales.get(m, 1.0)) for m, layer in self.layers.items()
+            ]
+            fill_slot_bits(slot, parts)
+        else:
+            parts = [
+                (layer, *adapter.modules.get(m, (None, None)), scales.get(m, 1.0))
+                for m, layer in self.layers.items()
+            ]
+            fill_slot(slot, parts)
         self.ranks[slot] = adapter.rank
         with self._lock:  # keep the host copy warm while it is on the device
             self.host.put(adapter, keep=set(self.slots.keys()))
@@ -216,7 +235,7 @@ class AdapterManager:
         slot = self.slots.remove(digest)
         if slot is not None:
             self.ranks.pop(slot, None)
-            fill_slot(slot, [(layer, None, None) for layer in self.layers.values()])
+            fill_slot(slot, [(layer, None, None, 1.0) for layer in self.layers.values()])
             self.observer.on_eviction("device", "unload")
         with self._lock:
             dropped = self.host.remove(digest) is not None

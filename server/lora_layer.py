@@ -25,6 +25,7 @@ from loraswap.server.lora_ops import (
     lora_sgmv,
     segments,
 )
+from loraswap.server.safetensors_buffer import tensor_bits
 
 
 @dataclass
@@ -159,41 +160,43 @@ class BatchedLoraLinear(nn.Module):
         y.view(count, per_slot, self.out_features).baddbmm_(h, self.bt[first : first + count, :rank])
         return y
 
-    def load_slot(self, slot: int, a: torch.Tensor | None, bt: torch.Tensor | None) -> None:
-        """Copy ``a: [r, in]`` and ``bt: [r, out]`` (scaled) into ``slot``; None clears the slot."""
-        fill_slot(slot, [(self, a, bt)])
+    def load_slot(
+        self, slot: int, a: torch.Tensor | None, bt: torch.Tensor | None, scale: float = 1.0
+    ) -> None:
+        """Copy ``a: [r, in]`` and ``scale * bt`` (``bt: [r, out]``) into ``slot``; None clears it."""
+        fill_slot(slot, [(self, a, bt, scale)])
 
     def slot_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """Numpy views of the CPU slot buffers' bits (made once), for :func:`fill_slot`."""
+        """Numpy views of the CPU slot buffers' bits (made once), for :func:`fill_slot_bits`."""
         if self._arrays is None:
-            self._arrays = (_bits(self.a), _bits(self.bt))
+            self._arrays = (tensor_bits(self.a), tensor_bits(self.bt))
         return self._arrays
 
     def slot_bytes(self) -> int:
         return (self.a[0].numel() + self.bt[0].numel()) * self.a.element_size()
 
 
-SlotPart = tuple[BatchedLoraLinear, torch.Tensor | None, torch.Tensor | None]
-_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+SlotPart = tuple[BatchedLoraLinear, torch.Tensor | None, torch.Tensor | None, float]
 
 
 @torch.no_grad()
 def fill_slot(slot: int, parts: list[SlotPart]) -> None:
-    """Load one adapter into ``slot`` of many layers: ``(layer, a: [r, in], bt: [r, out])`` per layer
-    (scaling already folded into ``bt``), None matrices clearing it. Only rows that held weights are
+    """Load one adapter into ``slot`` of many layers: ``(layer, a: [r, in], bt: [r, out], scale)`` per
+    layer, the slot getting ``scale * bt``; None matrices clear it. Only rows that held weights are
     zeroed, so layers the adapter leaves alone cost nothing.
 
     Between CPU tensors of one dtype the copies go through numpy views of the bits (about 1 us of
     overhead per copy against about 10 us for a torch ``copy_`` plus the slicing: it dominated the 420
     small copies of an all-projection adapter); otherwise torch copies.
     """
-    if all(_bitwise_on_cpu(layer, a, bt) for layer, a, bt in parts):
-        _fill_with_numpy(slot, parts)
+    if all(_bitwise_on_cpu(layer, a, bt) for layer, a, bt, _ in parts):
+        fill_slot_bits(slot, [(layer, _maybe_bits(a), _maybe_bits(bt), s) for layer, a, bt, s in parts])
         return
     stale: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
     sources: list[torch.Tensor] = []
-    for layer, a, bt in parts:
+    scaled: dict[float, list[torch.Tensor]] = {}
+    for layer, a, bt, scale in parts:
         old = layer.filled.pop(slot, 0)
         rank = a.shape[0] if a is not None and bt is not None else 0
         if old > rank:
@@ -201,6 +204,8 @@ def fill_slot(slot: int, parts: list[SlotPart]) -> None:
         if rank:
             targets += [layer.a[slot, :rank], layer.bt[slot, :rank]]
             sources += [a, bt]
+            if scale != 1.0:
+                scaled.setdefault(scale, []).append(targets[-1])
             layer.filled[slot] = rank
     if stale:
         torch._foreach_zero_(stale)
@@ -209,6 +214,7 @@ def fill_slot(slot: int, parts: list[SlotPart]) -> None:
     else:  # host -> accelerator
         for target, source in zip(targets, sources, strict=True):
             target.copy_(source, non_blocking=True)
+    _scale_all(scaled)
 
 
 def _bitwise_on_cpu(layer: BatchedLoraLinear, a: torch.Tensor | None, bt: torch.Tensor | None) -> bool:
@@ -217,8 +223,16 @@ def _bitwise_on_cpu(layer: BatchedLoraLinear, a: torch.Tensor | None, bt: torch.
     return a is None or (a.device.type == bt.device.type == "cpu" and a.dtype == bt.dtype == layer.a.dtype)
 
 
-def _fill_with_numpy(slot: int, parts: list[SlotPart]) -> None:
-    for layer, a, bt in parts:
+BitsPart = tuple[BatchedLoraLinear, np.ndarray | None, np.ndarray | None, float]
+
+
+@torch.no_grad()
+def fill_slot_bits(slot: int, parts: list[BitsPart]) -> None:
+    """:func:`fill_slot` for CPU slot buffers, from numpy views of the matrices' bits in the slot
+    dtype (``HostAdapter.cpu_bits``): one ``copyto`` per matrix, about 1 us of overhead each, then
+    one ``_foreach_mul_`` per distinct scaling over the copies of B^T."""
+    scaled: dict[float, list[torch.Tensor]] = {}
+    for layer, a, bt, scale in parts:
         slot_a, slot_bt = layer.slot_arrays()
         old = layer.filled.pop(slot, 0)
         rank = a.shape[0] if a is not None and bt is not None else 0
@@ -226,14 +240,21 @@ def _fill_with_numpy(slot: int, parts: list[SlotPart]) -> None:
             slot_a[slot, rank:old] = 0
             slot_bt[slot, rank:old] = 0
         if rank:
-            np.copyto(slot_a[slot, :rank], _bits(a))
-            np.copyto(slot_bt[slot, :rank], _bits(bt))
+            np.copyto(slot_a[slot, :rank], a)
+            np.copyto(slot_bt[slot, :rank], bt)
+            if scale != 1.0:
+                scaled.setdefault(scale, []).append(layer.bt[slot, :rank])
             layer.filled[slot] = rank
+    _scale_all(scaled)
 
 
-def _bits(t: torch.Tensor) -> np.ndarray:
-    """A numpy view of ``t``'s bytes as integers of its element size (numpy has no bfloat16)."""
-    return t.view(_BITS[t.element_size()]).numpy()
+def _scale_all(scaled: dict[float, list[torch.Tensor]]) -> None:
+    for scale, tensors in scaled.items():
+        torch._foreach_mul_(tensors, scale)
+
+
+def _maybe_bits(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else tensor_bits(t)
 
 
 def _module_device(module: nn.Module) -> torch.device:
