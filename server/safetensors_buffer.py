@@ -148,7 +148,10 @@ def read_tensor_file(path: Path, mapped: bool = False) -> TensorFile:
     buffer = _mapped_buffer(path) if mapped and size > 0 else _read_buffer(path, size)
     header, start = _header_bytes(buffer, path.name)
     data = buffer[start:]
-    entries, metadata = _layout(header, data.numel(), path.name)
+    try:
+        entries, metadata = _layout(header, data.numel())
+    except SafetensorsError as exc:
+        raise SafetensorsError(f"{path.name}: {exc}") from None
     tensors = _views(entries, data)
     views_only = data.data_ptr() % 8 == 0 and all(e.begin % e.dtype.itemsize == 0 for e in entries)
     return TensorFile(buffer, data, tensors, dict(metadata), header, {e.key: e for e in entries}, views_only)
@@ -204,22 +207,21 @@ Layout = tuple[tuple[Entry, ...], tuple[tuple[str, str], ...]]  # entries by off
 
 
 @functools.lru_cache(maxsize=64)
-def _layout(
-    header: bytes, data_size: int, name: str
-) -> tuple[tuple[Entry, ...], tuple[tuple[str, str], ...]]:
+def _layout(header: bytes, data_size: int) -> Layout:
     """The checked entries (sorted by offset) and metadata of a header, for a data section of
-    ``data_size`` bytes. Cached: the result depends on nothing else."""
+    ``data_size`` bytes. Cached: the result depends on nothing else (errors name no file; the caller
+    adds it)."""
     try:
         doc = json.loads(header)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SafetensorsError(f"{name}: header is not JSON ({exc})") from None
+        raise SafetensorsError(f"header is not JSON ({exc})") from None
     if not isinstance(doc, dict):
-        raise SafetensorsError(f"{name}: header is not a JSON object")
+        raise SafetensorsError("header is not a JSON object")
     metadata = doc.pop("__metadata__", None) or {}
-    entries = sorted((_entry(key, info, data_size, name) for key, info in doc.items()), key=_span)
+    entries = sorted((_entry(key, info, data_size) for key, info in doc.items()), key=_span)
     for first, second in itertools.pairwise(entries):
         if second.begin < first.end:
-            raise SafetensorsError(f"{name}: tensors {first.key!r} and {second.key!r} overlap")
+            raise SafetensorsError(f"tensors {first.key!r} and {second.key!r} overlap")
     return tuple(entries), tuple(sorted(metadata.items()))
 
 
@@ -227,15 +229,15 @@ def _span(entry: Entry) -> tuple[int, int]:
     return entry.begin, entry.end
 
 
-def _entry(key: str, info: object, data_size: int, name: str) -> Entry:
+def _entry(key: str, info: object, data_size: int) -> Entry:
     try:
         dtype = DTYPES[info["dtype"]]
         shape = tuple(int(d) for d in info["shape"])
         begin, end = (int(o) for o in info["data_offsets"])
     except (KeyError, TypeError, ValueError):
-        raise SafetensorsError(f"{name}: tensor {key!r} has a malformed or unsupported entry") from None
+        raise SafetensorsError(f"tensor {key!r} has a malformed or unsupported entry") from None
     if begin < 0 or end - begin != math.prod(shape) * dtype.itemsize or end > data_size:
-        raise SafetensorsError(f"{name}: tensor {key!r} offsets {begin}..{end} do not hold {list(shape)}")
+        raise SafetensorsError(f"tensor {key!r} offsets {begin}..{end} do not hold {list(shape)}")
     return Entry(key, dtype, shape, begin, end)
 
 

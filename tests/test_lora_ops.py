@@ -152,3 +152,22 @@ def test_a_layer_no_adapter_of_the_batch_targets_returns_the_base_output() -> No
     torch.testing.assert_close(layer(x), base(x))
     context.set_batch([0, 2], {0: 4, 2: 4}, torch.device("cpu"), "auto")
     assert not torch.allclose(layer(x), base(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_fill_with_a_scaling_equals_a_fill_of_the_scaled_matrix(dtype) -> None:
+    """The slot scales its own copy of B^T (the host copy stays unscaled), on the numpy-bits path
+    (same dtype) and the torch path (the host copy in another dtype)."""
+    from loraswap.server.lora_layer import BatchedLoraLinear, LoraContext, fill_slot
+
+    base = torch.nn.Linear(48, 80, bias=False)
+    layers = [BatchedLoraLinear(base, 3, 8, LoraContext(), dtype=dtype) for _ in range(2)]
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(6, 48, generator=gen), torch.randn(80, 6, generator=gen)
+    for source in (dtype, torch.float64):  # float64: another dtype, so fill_slot copies with torch
+        bt = b.to(source).T  # a transposed view, as the host tier holds it
+        original = bt.clone()
+        fill_slot(2, [(layers[0], a.to(source), bt, 0.25), (layers[1], a.to(source), bt * 0.25, 1.0)])
+        assert torch.equal(layers[0].a, layers[1].a) and torch.equal(layers[0].bt, layers[1].bt)
+        assert torch.equal(layers[0].bt[2, :6], (bt.to(dtype) * 0.25).to(dtype))
+        assert torch.equal(bt, original)  # the source itself was left alone

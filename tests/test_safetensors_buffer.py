@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loraswap.server.safetensors_buffer import SafetensorsError, read_tensor_file
+from loraswap.server.safetensors_buffer import SafetensorsError, _layout, read_tensor_file, tensor_bits
 
 
 def _write_raw(path: Path, header: dict, data: bytes) -> Path:
@@ -93,3 +95,52 @@ def test_truncated_and_non_json_files_are_refused(tmp_path: Path) -> None:
     (tmp_path / "text").write_bytes(struct.pack("<Q", 3) + b"abc")
     with pytest.raises(SafetensorsError, match="not JSON"):
         read_tensor_file(tmp_path / "text")
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+def test_malformed_files_are_refused_when_mapped_too(tmp_path: Path, mapped: bool) -> None:
+    header = {"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}
+    with pytest.raises(SafetensorsError, match="do not hold"):
+        read_tensor_file(_write_raw(tmp_path / "bad.safetensors", header, bytes(8)), mapped=mapped)
+
+
+def test_mapped_read_matches_and_writes_never_reach_the_file(tmp_path: Path) -> None:
+    tensors = {f"t{i}": torch.randn(32, 40).to(torch.bfloat16) for i in range(3)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    before = path.read_bytes()
+    loaded = read_tensor_file(path, mapped=True)
+    for key, tensor in tensors.items():
+        assert torch.equal(loaded.tensors[key], tensor)
+        assert np.array_equal(loaded.bits(key), tensor_bits(tensor))  # numpy views of the same bits
+    loaded.tensors["t1"].mul_(3.0)  # private: this copies the touched pages only
+    assert torch.equal(loaded.tensors["t1"], tensors["t1"] * 3.0)
+    assert path.read_bytes() == before
+    assert torch.equal(read_tensor_file(path, mapped=True).tensors["t1"], tensors["t1"])
+
+
+def test_a_file_replaced_by_rename_leaves_mapped_tensors_intact(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    save_file({"x": torch.arange(4096, dtype=torch.float32)}, str(path))
+    loaded = read_tensor_file(path, mapped=True)
+    save_file({"x": torch.zeros(4096)}, str(tmp_path / "new.safetensors"))
+    os.replace(tmp_path / "new.safetensors", path)  # how the registry's disk cache updates a folder
+    assert torch.equal(loaded.tensors["x"], torch.arange(4096, dtype=torch.float32))
+
+
+def test_a_header_layout_is_parsed_once_for_files_that_share_it(tmp_path: Path) -> None:
+    shapes = {"a": (8, 16), "b": (16, 8)}
+    first = {k: torch.randn(*s) for k, s in shapes.items()}
+    second = {k: torch.randn(*s) for k, s in shapes.items()}
+    save_file(first, str(tmp_path / "1.safetensors"))
+    save_file(second, str(tmp_path / "2.safetensors"))
+    save_file({"a": torch.randn(8, 17)}, str(tmp_path / "3.safetensors"))
+    _layout.cache_clear()
+    one = read_tensor_file(tmp_path / "1.safetensors")
+    two = read_tensor_file(tmp_path / "2.safetensors", mapped=True)
+    assert (_layout.cache_info().misses, _layout.cache_info().hits) == (1, 1)
+    assert one.header == two.header
+    for key in shapes:  # one layout, each file's own data
+        assert torch.equal(one.tensors[key], first[key]) and torch.equal(two.tensors[key], second[key])
+    read_tensor_file(tmp_path / "3.safetensors")
+    assert _layout.cache_info().misses == 2
