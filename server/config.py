@@ -33,7 +33,9 @@ class EngineConfig:
             a prompt the alternation left for later) has its prefill run between two decoder layers of
             that step, after which the paused step finishes; its first token does not wait for the
             step in flight. At most one such prefill (``prefill_chunk`` tokens) per decode step.
-        host_cache_bytes: Byte budget of adapters kept in host RAM (LRU).
+        host_cache_bytes: Byte budget of adapters kept in host RAM (LRU). An adapter whose file is in
+            the slot dtype is held as a private mapping of its disk-cache file and counts its file
+            size; others hold converted copies.
         tag_ttl_s: Seconds a resolved tag → digest mapping is trusted before asking the registry again.
         load_workers: Threads that fetch and parse adapters in the background.
         lora_op: ``auto`` (pick per batch), ``grouped`` (bmm over slot-buffer views), ``bgmv`` (gather +
