@@ -98,7 +98,7 @@ def ttft_idle_vs_busy(engine: Engine, adapters: list[str], new_tokens: int) -> t
 def activation_times(engine: Engine, registry, names: list[str]) -> dict[str, float]:
     """Median cold (local disk → slot) and warm (host → slot) activation vs a bare safetensors read."""
     bare, cold, warm = [], [], []
-    kept = []  # bare reads stay in memory, as the host tier keeps what it reads (fresh pages for both)
+    kept = []  # bare reads stay in memory (each gets fresh pages), as the host tier keeps what it loads
     for name in names:
         folder = registry.pull(name)  # on local disk, not yet in host or device tiers
         start = time.perf_counter()

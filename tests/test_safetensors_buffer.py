@@ -144,3 +144,14 @@ def test_a_header_layout_is_parsed_once_for_files_that_share_it(tmp_path: Path) 
         assert torch.equal(one.tensors[key], first[key]) and torch.equal(two.tensors[key], second[key])
     read_tensor_file(tmp_path / "3.safetensors")
     assert _layout.cache_info().misses == 2
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
+def test_mapped_files_hold_no_file_descriptor(tmp_path: Path) -> None:
+    """A host tier of thousands of mapped adapters must not run into the open-files limit."""
+    path = tmp_path / "m.safetensors"
+    save_file({"x": torch.randn(2048)}, str(path))
+    before = len(os.listdir("/proc/self/fd"))
+    kept = [read_tensor_file(path, mapped=True) for _ in range(64)]
+    assert len(os.listdir("/proc/self/fd")) - before < 8
+    assert all(torch.equal(k.tensors["x"], kept[0].tensors["x"]) for k in kept)
