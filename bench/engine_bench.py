@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantization", default=None, help="default: nf4 on CUDA, bf16 on CPU")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=2, help="throughput rounds (best of, interleaved)")
+    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (best of, interleaved)")
     parser.add_argument("--registered", type=int, default=1000, help="adapters in the registry for item 5")
     parser.add_argument("--in-flight", type=int, default=100, help="distinct adapters in flight for item 5")
     parser.add_argument("--peft-requests", type=int, default=8, help="requests timed through naive PEFT")
