@@ -188,19 +188,12 @@ class AdapterManager:
         return slot
 
     def _copy_into(self, slot: int, adapter: HostAdapter) -> None:
-        scales = adapter.scales
-        if self._cpu_slots:
-            bits = adapter.cpu_bits()
-            parts = [
-                (layer, *bits.get(m, (None, None)), scales.get(m, 1.0)) for m, layer in self.layers.items()
-            ]
-            fill_slot_bits(slot, parts)
-        else:
-            parts = [
-                (layer, *adapter.modules.get(m, (None, None)), scales.get(m, 1.0))
-                for m, layer in self.layers.items()
-            ]
-            fill_slot(slot, parts)
+        matrices = adapter.cpu_bits() if self._cpu_slots else adapter.modules
+        parts = [
+            (layer, *matrices.get(m, (None, None)), adapter.scales.get(m, 1.0))
+            for m, layer in self.layers.items()
+        ]
+        (fill_slot_bits if self._cpu_slots else fill_slot)(slot, parts)
         self.ranks[slot] = adapter.rank
         with self._lock:  # keep the host copy warm while it is on the device
             self.host.put(adapter, keep=set(self.slots.keys()))
