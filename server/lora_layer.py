@@ -209,12 +209,37 @@ def fill_slot(slot: int, parts: list[SlotPart]) -> None:
             layer.filled[slot] = rank
     if stale:
         torch._foreach_zero_(stale)
-    if all(t.device == s.device for t, s in zip(targets, sources, strict=True)):
+    if targets and targets[0].device != sources[0].device:  # host -> accelerator
+        sources = staged(sources, lambda host: host.to(targets[0].device, non_blocking=True)) or sources
+    if targets and all(t.device == s.device for t, s in zip(targets, sources, strict=True)):
         torch._foreach_copy_(targets, sources)
-    else:  # host -> accelerator
+    else:
         for target, source in zip(targets, sources, strict=True):
             target.copy_(source, non_blocking=True)
     _scale_all(scaled)
+
+
+def staged(
+    sources: list[torch.Tensor], transfer: Callable[[torch.Tensor], torch.Tensor]
+) -> list[torch.Tensor] | None:
+    """``sources`` as views of one ``transfer`` of the host storage they all view (one host-to-device
+    copy of an adapter instead of one per matrix, then one device-side ``_foreach_copy_``); None when
+    they do not share a storage.
+
+    ``transfer`` maps the whole storage, as a 1-D uint8 tensor, to its copy (``.to(device)``).
+    """
+    storage = sources[0].untyped_storage()
+    if any(s.untyped_storage().data_ptr() != storage.data_ptr() for s in sources):
+        return None
+    copy = transfer(torch.empty(0, dtype=torch.uint8, device=sources[0].device).set_(storage))
+    typed: dict[torch.dtype, torch.Tensor] = {}
+    views = []
+    for source in sources:
+        size = source.element_size()
+        if source.dtype not in typed:
+            typed[source.dtype] = copy[: copy.numel() // size * size].view(source.dtype)
+        views.append(typed[source.dtype].as_strided(source.shape, source.stride(), source.storage_offset()))
+    return views
 
 
 def _bitwise_on_cpu(layer: BatchedLoraLinear, a: torch.Tensor | None, bt: torch.Tensor | None) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -171,3 +173,32 @@ def test_a_fill_with_a_scaling_equals_a_fill_of_the_scaled_matrix(dtype) -> None
         assert torch.equal(layers[0].a, layers[1].a) and torch.equal(layers[0].bt, layers[1].bt)
         assert torch.equal(layers[0].bt[2, :6], (bt.to(dtype) * 0.25).to(dtype))
         assert torch.equal(bt, original)  # the source itself was left alone
+
+
+@pytest.mark.parametrize("file_dtype", [torch.bfloat16, torch.float32])  # mapped views / packed copies
+def test_staged_sources_are_views_of_one_transferred_copy(tmp_path, file_dtype) -> None:
+    """The host -> accelerator fill moves an adapter's one host storage at once and views the copy the
+    way the host tensors view the original (checked on CPU with a clone standing in for the transfer)."""
+    from safetensors.torch import save_file
+
+    from loraswap.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_key
+    from loraswap.server.adapter_weights import AdapterReader, BaseShape
+    from loraswap.server.lora_layer import staged
+
+    modules = {"model.layers.0.mlp.up_proj": (16, 24), "model.layers.0.mlp.down_proj": (24, 16)}
+    tensors = {}
+    for i, (module, (in_f, out_f)) in enumerate(modules.items()):
+        tensors[lora_key(module, "A")] = torch.randn(4 + i, in_f).to(file_dtype)
+        tensors[lora_key(module, "B")] = torch.randn(out_f, 4 + i).to(file_dtype)
+    save_file(tensors, str(tmp_path / ADAPTER_WEIGHTS))
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "rank_pattern": {"down_proj": 5}}
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps({**config, "target_modules": ["up_proj", "down_proj"]}))
+    host = AdapterReader(BaseShape(modules, 8, "x"), torch.bfloat16).read(tmp_path, "a", "sha256:a")
+    sources = [t for pair in host.modules.values() for t in pair]
+    transfers = []
+    views = staged(sources, lambda whole: transfers.append(whole) or whole.clone())
+    assert len(transfers) == 1 and transfers[0].numel() == sources[0].untyped_storage().nbytes()
+    for view, source in zip(views, sources, strict=True):
+        assert view.untyped_storage().data_ptr() != source.untyped_storage().data_ptr()
+        assert view.dtype == source.dtype and torch.equal(view, source)
+    assert staged([torch.zeros(3), torch.zeros(3)], lambda whole: whole) is None  # two storages
