@@ -163,8 +163,12 @@ def _mapped_buffer(path: Path, size: int) -> torch.Tensor:
     Writable, so a write only copies that page and never reaches the file. ``torch.from_file`` keeps
     no file descriptor open (Python's ``mmap`` keeps one per mapping: a host tier of thousands of
     adapters would run out). The mapping lives as long as any view; a file replaced by rename (as
-    the registry's disk cache does) leaves it intact."""
-    return torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+    the registry's disk cache does) leaves it intact. A file system that cannot map files (some
+    network and FUSE mounts) gets a plain read instead."""
+    try:
+        return torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+    except RuntimeError:
+        return _read_buffer(path, size)
 
 
 def _read_buffer(path: Path, size: int) -> torch.Tensor:

@@ -155,3 +155,15 @@ def test_mapped_files_hold_no_file_descriptor(tmp_path: Path) -> None:
     kept = [read_tensor_file(path, mapped=True) for _ in range(64)]
     assert len(os.listdir("/proc/self/fd")) - before < 8
     assert all(torch.equal(k.tensors["x"], kept[0].tensors["x"]) for k in kept)
+
+
+def test_a_file_system_that_cannot_map_gets_a_plain_read(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "m.safetensors"
+    save_file({"x": torch.randn(64)}, str(path))
+
+    def cannot_map(*args, **kwargs):
+        raise RuntimeError("unable to mmap 1024 bytes from file: No such device (19)")
+
+    monkeypatch.setattr(torch, "from_file", cannot_map)
+    loaded = read_tensor_file(path, mapped=True)
+    assert torch.equal(loaded.tensors["x"], load_file(str(path))["x"])
