@@ -487,7 +487,8 @@ def test_a_request_arriving_mid_decode_step_is_prefilled_inside_that_step(
         GenerationRequest(adapter=n, prompt=PROMPTS[i], sampling=greedy(6)) for i, n in enumerate(names[:3])
     ]
     probe_request = GenerationRequest(adapter=names[3], prompt=PROMPTS[3], sampling=greedy(4))
-    engine.load_adapter(names[3], "host")  # ready as soon as it arrives
+    for name in names[:4]:  # ready as soon as they arrive: a late load would let one finish first
+        engine.load_adapter(name, "host")
     handles = [engine.submit(r) for r in requests]
     _drive(engine, lambda: len(engine._running) == 3 and all(s.output_ids for s in engine._running))
     probe: list = []
@@ -538,6 +539,8 @@ def test_a_prompt_the_alternation_defers_is_prefilled_inside_the_decode_step(
     engine = _stepped_engine(tiny_base, registry_with_adapters[0], between_layers)
     try:
         names = list(ADAPTER_SPECS)
+        for name in names[:2]:  # both ready at once: a late load would let the other finish first
+            engine.load_adapter(name, "host")
         first = [
             engine.submit(GenerationRequest(adapter=n, prompt=PROMPTS[i], sampling=greedy(6)))
             for i, n in enumerate(names[:2])
