@@ -11,13 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loraswap.adapter_format import (
-    ADAPTER_WEIGHTS,
-    LoraAdapterConfig,
-    lora_key,
-    parse_lora_key,
-    read_adapter_config,
-)
+from loraswap.adapter_format import ADAPTER_WEIGHTS, LoraAdapterConfig, parse_lora_key, read_adapter_config
 from loraswap.errors import AdapterValidationError, IncompatibleAdapterError
 from loraswap.registry.validate import base_compat_problems, lora_shape_problems
 from loraswap.server.safetensors_buffer import SafetensorsError, TensorFile, read_tensor_file, tensor_bits
@@ -34,7 +28,7 @@ class HostAdapter:
         modules: Module path → (``a: [r, in]``, ``bt: [r, out]``) in the slot dtype. When the file's
             dtype is the slot dtype these are views of the mapped file (its pages are the page
             cache's: the host tier holds no second copy) and ``bt`` is unscaled; otherwise
-            converted copies with the LoRA scaling folded into ``bt``.
+            converted copies packed into one buffer, with the LoRA scaling folded into ``bt``.
         file_bytes: Size of ``adapter_model.safetensors`` on disk.
         scales: Module path → LoRA scaling the slot fill applies to its copy of ``bt`` (absent: 1).
         bits: The same matrices as numpy views of their bits (integers of the element size), when
@@ -149,7 +143,7 @@ class AdapterReader:
         if problems:
             raise IncompatibleAdapterError(f"adapter {name!r} cannot run on this server", problems)
         modules, scales, bits = _host_modules(loaded, plan, self.dtype)
-        return HostAdapter(name, digest, plan.rank, modules, weights.stat().st_size, scales, bits)
+        return HostAdapter(name, digest, plan.rank, modules, loaded.buffer.numel(), scales, bits)
 
     def _plan(self, loaded: TensorFile, config: LoraAdapterConfig) -> _Plan:
         key = (loaded.header, loaded.data.numel(), _config_key(config))
@@ -184,16 +178,17 @@ def _check(loaded: TensorFile, config: LoraAdapterConfig, base: BaseShape) -> _P
     if invalid:
         return _Plan(tuple(invalid), (), (), 0)
     incompatible = base_compat_problems(config, shapes, base.weight_shapes())
-    modules = []
-    for key in sorted(shapes):
+    keys: dict[str, dict[str, str]] = {}  # module -> {"A": key, "B": key} (keys as the file spells them)
+    for key in shapes:
         module, ab = parse_lora_key(key)
-        if ab != "A":
-            continue
+        keys.setdefault(module, {})[ab] = key
+    modules = []
+    for module, pair in sorted(keys.items()):
         rank = config.rank_of(module)
         if rank > base.max_rank:
             incompatible.append(f"{module}: rank {rank} is over the server's max rank {base.max_rank}")
         elif module in base.modules:
-            modules.append((module, key, lora_key(module, "B"), config.scaling_of(module)))
+            modules.append((module, pair["A"], pair["B"], config.scaling_of(module)))
     rank = max((shapes[a][0] for _, a, _, _ in modules), default=0)
     return _Plan((), tuple(incompatible), tuple(modules), rank)
 

@@ -118,3 +118,17 @@ def test_slot_dtype_conversion_folds_the_scaling_in(tmp_path: Path, file_dtype) 
         assert host.nbytes == (folder / ADAPTER_WEIGHTS).stat().st_size
     else:  # one packed buffer of the converted matrices
         assert host.nbytes == sum(a.numel() + bt.numel() for a, bt in host.modules.values()) * 2
+
+
+def test_keys_that_name_the_adapter_are_read_as_written(tmp_path: Path) -> None:
+    """``...lora_A.default.weight`` (an adapter name in the key) is a valid PEFT key: the reader pairs
+    A and B by the keys the file holds, not by a spelling it assumes."""
+    folder = _write(tmp_path / "a", seed=0)
+    tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+    named = {k.removesuffix(".weight") + ".default.weight": t for k, t in tensors.items()}
+    save_file(named, str(folder / ADAPTER_WEIGHTS))
+    host = AdapterReader(BASE, torch.float32).read(folder, "a", "sha256:a")
+    for module in (Q, V):
+        a, bt = host.modules[module]
+        assert torch.equal(a, tensors[lora_key(module, "A")])
+        assert torch.equal(bt * host.scales[module], tensors[lora_key(module, "B")].T * 2.0)
