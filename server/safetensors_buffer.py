@@ -221,6 +221,8 @@ def _layout(header: bytes, data_size: int) -> Layout:
     if not isinstance(doc, dict):
         raise SafetensorsError("header is not a JSON object")
     metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise SafetensorsError("__metadata__ is not a JSON object")
     entries = sorted((_entry(key, info, data_size) for key, info in doc.items()), key=_span)
     for first, second in itertools.pairwise(entries):
         if second.begin < first.end:

@@ -70,6 +70,8 @@ def test_unaligned_offsets_are_copied_not_refused(tmp_path: Path) -> None:
         ({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8), "do not hold"),
         ({"x": {"dtype": "Q4", "shape": [1], "data_offsets": [0, 1]}}, bytes(1), "unsupported"),
         ({"x": {"shape": [1], "data_offsets": [0, 4]}}, bytes(4), "malformed"),
+        ({"x": "F32"}, bytes(4), "malformed"),
+        ({"__metadata__": ["format", "pt"]}, b"", "__metadata__ is not a JSON object"),
         (
             {
                 "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
