@@ -152,8 +152,7 @@ def read_tensor_file(path: Path, mapped: bool = False) -> TensorFile:
         entries, metadata = _layout(header, data.numel())
     except SafetensorsError as exc:
         raise SafetensorsError(f"{path.name}: {exc}") from None
-    tensors = _views(entries, data)
-    views_only = data.data_ptr() % 8 == 0 and all(e.begin % e.dtype.itemsize == 0 for e in entries)
+    tensors, views_only = _views(entries, data)
     return TensorFile(buffer, data, tensors, dict(metadata), header, {e.key: e for e in entries}, views_only)
 
 
@@ -246,10 +245,12 @@ def _entry(key: str, info: object, data_size: int) -> Entry:
     return Entry(key, dtype, shape, begin, end)
 
 
-def _views(entries: tuple[Entry, ...], data: torch.Tensor) -> dict[str, torch.Tensor]:
+def _views(entries: tuple[Entry, ...], data: torch.Tensor) -> tuple[dict[str, torch.Tensor], bool]:
+    """The tensors, and whether every one is a view of ``data`` (none had to be copied)."""
     aligned = data.data_ptr() % 8 == 0
     typed: dict[torch.dtype, torch.Tensor] = {}
     views = {}
+    views_only = True
     for entry in entries:
         dtype, shape, size = entry.dtype, entry.shape, entry.dtype.itemsize
         if aligned and entry.begin % size == 0:
@@ -260,4 +261,5 @@ def _views(entries: tuple[Entry, ...], data: torch.Tensor) -> dict[str, torch.Te
             views[entry.key] = base.as_strided(shape, entry.strides, offset)
         else:  # an unaligned offset (safetensors itself pads the header to 8 bytes): copy this one
             views[entry.key] = data[entry.begin : entry.end].clone().view(dtype).view(shape)
-    return views
+            views_only = False
+    return views, views_only
