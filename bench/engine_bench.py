@@ -17,9 +17,8 @@ from safetensors.torch import load_file
 from bench.adapters import write_adapter
 from loraswap.models import resolve_base
 from loraswap.registry.registry import open_registry
-from loraswap.server.api import GenerationRequest, SamplingParams
-from loraswap.server.config import EngineConfig
-from loraswap.server.engine import Engine
+from loraswap.server.engine import Engine, EngineConfig
+from loraswap.server.engine.api import GenerationRequest, SamplingParams
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Adapter shapes item 1 runs with (rank, targets): PEFT's LoraConfig() default for Llama models, this

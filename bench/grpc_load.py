@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 
 from bench.adapters import write_adapter
+from loraswap.devtools.launch import start_serve
 from loraswap.models import resolve_base
 from loraswap.registry import open_registry
-from loraswap.server.api import SamplingParams
-from loraswap.server.client import AsyncClient
-from loraswap.server.launch import start_serve
+from loraswap.server.engine.api import SamplingParams
+from loraswap.server.grpc.client import AsyncClient
 
 PROMPTS = [
     "The quick brown fox",
@@ -47,7 +47,7 @@ TARGETS = ("q_proj", "v_proj", "o_proj")
 def prepare(work: Path, base_spec: str, n_adapters: int) -> tuple[Path, Path]:
     """A base folder and a registry with ``n_adapters`` adapters pushed for it."""
     if base_spec == "tiny":
-        from loraswap.models.tiny import build_tiny_llama
+        from loraswap.devtools.tiny import build_tiny_llama
 
         base_dir = build_tiny_llama(work / "tiny")
     else:

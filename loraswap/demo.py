@@ -19,7 +19,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from loraswap.server.launch import start_serve
+from loraswap.devtools.launch import start_serve
 
 DATA = Path(__file__).parent / "demo_data"
 TASKS = {

@@ -87,7 +87,7 @@ def _client_args(parser: argparse.ArgumentParser, admin: bool) -> None:
 
 
 def _client(args: argparse.Namespace):  # -> Client
-    from loraswap.server.client import Client
+    from loraswap.server.grpc.client import Client
 
     token = args.token
     if token is None and args.admin_token:
@@ -110,7 +110,7 @@ def _serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from loraswap.server.grpc_server import serve
+    from loraswap.server.grpc.server import serve
     from loraswap.server.settings import flags_from_args, load_settings
 
     settings = load_settings(flags_from_args(args), config_file=args.config)
@@ -121,7 +121,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from loraswap.server.api import ChatMessage, SamplingParams
+    from loraswap.server.engine.api import ChatMessage, SamplingParams
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     sampling = SamplingParams(

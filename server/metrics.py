@@ -1,7 +1,7 @@
 """Every Prometheus metric of the server, declared here and nowhere else.
 
 :class:`Metrics` owns a dedicated ``CollectorRegistry`` (never the global one), is the engine's
-:class:`~loraswap.server.api.EngineObserver`, records per-call outcomes from the gRPC interceptor and
+:class:`~loraswap.server.engine.api.EngineObserver`, records per-call outcomes from the gRPC interceptor and
 per-request figures from the servicer, and computes cache residency, queue depth and memory at scrape
 time from the engine. Adapter labels are bounded: names outside ``tracked_adapters`` count as ``other``.
 """
@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Info, start
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from loraswap.server.api import GenerationResult, Tier
+from loraswap.server.engine.api import GenerationResult, Tier
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer

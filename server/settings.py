@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from loraswap.errors import InvalidArgumentError
-from loraswap.server.config import EngineConfig
+from loraswap.server.engine import EngineConfig
 
 ENV_PREFIX = "LORASWAP_"
 

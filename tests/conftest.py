@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from loraswap.models.tiny import build_tiny_llama, make_peft_adapter
+from loraswap.devtools.tiny import build_tiny_llama, make_peft_adapter
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,0 +1,515 @@
+"""The multi-LoRA engine: one resident base, per-request adapters, iteration-level batching.
+
+A background thread runs steps. Each step admits waiting requests (FIFO, as KV rows and adapter
+slots allow), builds one packed batch of decode tokens plus bounded prefill chunks, runs one forward
+pass, samples, and streams tokens back. Requests join and leave at step boundaries.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import torch
+
+from loraswap.device import pick_device
+from loraswap.errors import (
+    CancelledError,
+    DeadlineExceededError,
+    DrainingError,
+    InvalidArgumentError,
+    OverloadedError,
+)
+from loraswap.models import base_fingerprint, resolve_base
+from loraswap.server.adapters.manager import AdapterManager
+from loraswap.server.adapters.reader import BaseShape
+from loraswap.server.engine import EngineConfig
+from loraswap.server.engine.api import (
+    AdapterStatus,
+    EngineInfo,
+    EngineObserver,
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    NullObserver,
+    Tier,
+    TokenEvent,
+    now,
+)
+from loraswap.server.engine.base_loader import default_quantization, load_base
+from loraswap.server.engine.detok import TextStream
+from loraswap.server.engine.forward import PackedForward, SeqChunk, chunk_order
+from loraswap.server.engine.kv_cache import KVCache
+from loraswap.server.engine.request import RequestHandle, RequestState
+from loraswap.server.engine.sampling import make_generator, sample_token
+from loraswap.server.lora.layer import install_lora_layers
+
+log = logging.getLogger(__name__)
+
+
+def _open_registry(url: str | None):
+    from loraswap.registry import open_registry
+
+    return open_registry(url)
+
+
+class Engine:
+    """Serves generation requests for many adapters over one base model.
+
+    Args:
+        config: Engine configuration (validated here; problems raise InvalidArgumentError).
+        observer: Metrics hooks (default: none).
+        registry: A registry object to use instead of opening ``config.registry``.
+    """
+
+    def __init__(
+        self, config: EngineConfig, observer: EngineObserver | None = None, registry: object | None = None
+    ) -> None:
+        if config.problems():
+            raise InvalidArgumentError("invalid engine configuration", config.problems())
+        self.config = config
+        self.observer = observer or NullObserver()
+        self.device = pick_device(config.device)
+        self.base_ref = resolve_base(config.base)
+        self.fingerprint = base_fingerprint(self.base_ref.path)
+        _check_architecture(self.base_ref.config, config.max_seq_len)
+        quantization = config.quantization or default_quantization(self.device)
+        self.loaded = load_base(self.base_ref, quantization, self.device)
+        self.tokenizer = self.loaded.tokenizer
+        model = self.loaded.model
+        dtype = self.loaded.compute_dtype
+        context, layers = install_lora_layers(model, config.adapter_slots, config.max_rank, dtype)
+        shape = BaseShape(
+            {n: (m.in_features, m.out_features) for n, m in layers.items()}, config.max_rank, self.fingerprint
+        )
+        self.kv = _make_kv_cache(model.config, config, dtype, self.device)
+        self.adapters = AdapterManager(
+            registry_factory=(lambda: registry)
+            if registry is not None
+            else (lambda: _open_registry(config.registry)),
+            base=shape,
+            layers=layers,
+            num_slots=config.adapter_slots,
+            host_budget=config.host_cache_bytes,
+            dtype=dtype,
+            tag_ttl_s=config.tag_ttl_s,
+            workers=config.load_workers,
+            observer=self.observer,
+        )
+        self.forward = PackedForward(model, self.kv, context, self.adapters.ranks, config.lora_op)
+        self.eos_ids = _eos_ids(self.tokenizer, model)
+        self._incoming: deque[RequestState] = deque()
+        self._waiting: list[RequestState] = []
+        self._running: list[RequestState] = []
+        self._cv = threading.Condition()
+        self.step_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._last_step_prefilled = False
+        self._interrupted = False  # the decode step in flight has already run a prefill between layers
+        self._nested_s = 0.0  # seconds of that prefill (not counted as the decode step's own time)
+        self._adapters_ready = False  # an adapter load finished since the last look between layers
+        self._prefill_deferred = False  # this decode step's plan left admitted prompts for later
+        self._in_step: set[int] = set()  # ids of the requests of the step in flight
+        self.draining = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the background step loop."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="engine-steps", daemon=True)
+            self._thread.start()
+
+    def stop(self, drain_timeout: float = 30.0) -> None:
+        """Refuse new requests, let in-flight ones finish for up to ``drain_timeout`` s, then stop."""
+        self.draining = True
+        deadline = time.monotonic() + drain_timeout
+        while self._pending() and time.monotonic() < deadline and self._thread is not None:
+            time.sleep(0.02)
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        with self.step_lock:
+            for state in [*self._incoming, *self._waiting, *self._running]:
+                state.fail(DrainingError("the server stopped before the request finished"))
+                self._release(state)
+            self._incoming.clear()
+            self._waiting.clear()
+            self._running.clear()
+        self.adapters.close()
+
+    def _pending(self) -> int:
+        return len(self._incoming) + len(self._waiting) + len(self._running)
+
+    def queue_depth(self) -> int:
+        return len(self._incoming) + len(self._waiting)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue ``request``. Bad parameters, a full queue and draining are refused at once;
+        adapter errors (unknown, invalid, incompatible) are raised from the handle."""
+        if self.draining:
+            raise DrainingError("the server is draining and takes no new requests")
+        prompt_ids = self._encode(request)
+        with self._cv:
+            if self.queue_depth() >= self.config.max_queue:
+                raise OverloadedError(f"the request queue is full ({self.config.max_queue} waiting)")
+            future = self.adapters.request(request.adapter) if request.adapter else None
+            if future is not None:
+                future.add_done_callback(self._adapter_ready)
+            state = RequestState(
+                request=request,
+                prompt_ids=prompt_ids,
+                text=TextStream(self.tokenizer, request.sampling.stop),
+                adapter=future,
+                generator=make_generator(request.sampling),
+            )
+            self._incoming.append(state)
+            self.observer.on_queue_depth(self.queue_depth())
+            self._cv.notify()
+        return RequestHandle(state)
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Submit and wait for the result."""
+        return self.submit(request).result()
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def _adapter_ready(self, _future: object) -> None:
+        self._adapters_ready = True  # read between layers of a decode step (a plain flag: no lock there)
+        self._wake()
+
+    def _encode(self, request: GenerationRequest) -> list[int]:
+        problems = request.sampling.problems()
+        if (request.prompt is None) == (request.messages is None):
+            problems.append("give exactly one of prompt or messages")
+        ids: list[int] = []
+        if request.prompt is not None:
+            ids = self.tokenizer(request.prompt)["input_ids"]
+        elif request.messages is not None:
+            ids = self._chat_ids(request)
+        if not ids and not problems:
+            problems.append("the prompt is empty")
+        if len(ids) >= self.config.max_seq_len:
+            problems.append(
+                f"the prompt has {len(ids)} tokens; this server's limit is {self.config.max_seq_len - 1}"
+            )
+        if problems:
+            raise InvalidArgumentError("invalid generation request", problems)
+        return list(ids)
+
+    def _chat_ids(self, request: GenerationRequest) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidArgumentError("the base model has no chat template; send a plain prompt")
+        messages = [{"role": m.role, "content": m.content} for m in request.messages or ()]
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    # -- the step loop ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._running and not self._ready_waiting():
+                    self._cv.wait(timeout=0.05)
+                if self._stopping:
+                    return
+                self.take_incoming()
+            try:
+                with self.step_lock:
+                    self.step()
+            except Exception:  # a step failure must not kill the server: fail the batch, go on
+                log.exception("engine step failed")
+                with self.step_lock:
+                    for state in self._running:
+                        state.fail(RuntimeError("internal error while generating"))
+                        self._release(state)
+                    self._running.clear()
+
+    def take_incoming(self) -> None:
+        """Move submitted requests to the waiting list (the step loop does this before every step)."""
+        self._waiting.extend(self._incoming)
+        self._incoming.clear()
+
+    def _ready_waiting(self) -> bool:
+        return bool(self._incoming) or any(s.adapter is None or s.adapter.done() for s in self._waiting)
+
+    def step(self) -> None:
+        """One iteration: drop dead requests, admit, run one packed forward, sample, stream."""
+        self._drop_dead()
+        self._admit()
+        if not self._running:
+            return
+        plan = self._plan()
+        decode_only = all(len(c.token_ids) == 1 for _, c in plan)
+        interrupt = self.config.prefill_policy == "separate" and self.config.prefill_between_layers
+        self._in_step = {id(state) for state, _ in plan}
+        self._run(plan, self._prefill_between_layers if decode_only and interrupt else None)
+
+    def _run(
+        self, plan: list[tuple[RequestState, SeqChunk]], between_layers: Callable[[], None] | None = None
+    ) -> None:
+        started = time.perf_counter()
+        self._interrupted, self._nested_s = False, 0.0
+        logits = self.forward([chunk for _, chunk in plan], between_layers)
+        self._advance(plan, logits)
+        distinct = len({c.slot for _, c in plan if c.slot >= 0})
+        prefill = sum(len(c.token_ids) for _, c in plan if len(c.token_ids) > 1)
+        seconds = time.perf_counter() - started - self._nested_s  # a nested prefill reports itself
+        self.observer.on_step(len(plan), distinct, prefill, seconds)
+
+    def _prefill_between_layers(self) -> None:
+        """Called between two layers of a decode step: if requests arrived (or their adapters became
+        ready) since the step began, or admitted prompts wait for their turn, run one prefill step now
+        (once per decode step). Decodes wait for one bounded prefill either way; first tokens do not
+        wait for the decode step in flight."""
+        pending = self._incoming or self._adapters_ready or self._prefill_deferred
+        if self._interrupted or not pending:
+            return  # O(1) per layer: nothing arrived, no adapter load finished, no prefill waits its turn
+        self._adapters_ready = self._prefill_deferred = False
+        with self._cv:
+            self.take_incoming()
+        self._drop_dead(self._waiting)  # never running ones: the paused step still uses their rows
+        self._admit()
+        # not the paused step's own requests (a one-token last prompt chunk counts as a decode there)
+        prefilling = [s for s in self._running if s.prefilling and id(s) not in self._in_step]
+        if not prefilling:
+            return
+        self._interrupted = True
+        plan = self._prefill_plan(prefilling)
+        self._last_step_prefilled = True
+        started = time.perf_counter()
+        self._run(plan)
+        self._interrupted = True  # _run reset both: this step has had its prefill, which took
+        self._nested_s = time.perf_counter() - started
+
+    def _drop_dead(self, states: list[RequestState] | None = None) -> None:
+        """Fail and remove cancelled or expired requests among ``states`` (default: all)."""
+        t = now()
+        for state in list(states) if states is not None else [*self._waiting, *self._running]:
+            error: BaseException | None = None
+            if state.cancelled.is_set():
+                error = CancelledError("the request was cancelled")
+            elif state.request.deadline is not None and t > state.request.deadline:
+                error = DeadlineExceededError("the request's deadline passed")
+            elif state in self._waiting and state.adapter is not None and state.adapter.done():
+                error = state.adapter.exception()
+            if error is not None:
+                state.fail(error)
+                self._remove(state)
+
+    def _admit(self) -> None:
+        for state in list(self._waiting):
+            if state.adapter is not None and not state.adapter.done():
+                continue  # still loading: later requests whose adapters are ready may pass it
+            if self.kv.free_rows == 0:
+                break
+            if state.adapter is not None:
+                adapter = state.adapter.result()
+                slot = self.adapters.activate(adapter)
+                if slot is None:
+                    break  # FIFO: wait for a slot rather than let later requests starve this one
+                self.adapters.slots.acquire(adapter.digest)
+                self.adapters.note_use(adapter.digest)
+                state.slot, state.digest = slot, adapter.digest
+            state.row = self.kv.allocate()
+            state.admitted = now()
+            self._waiting.remove(state)
+            self._running.append(state)
+        self.observer.on_queue_depth(self.queue_depth())
+
+    def _plan(self) -> list[tuple[RequestState, SeqChunk]]:
+        """This step's chunks. With the ``separate`` policy, prefill chunks and decode tokens take turns
+        (a new request's first token is not held up by a full decode batch, and decodes wait for at
+        most one bounded prefill step); with ``mixed`` they share every step."""
+        prefilling = [s for s in self._running if s.prefilling]
+        decoding = [s for s in self._running if not s.prefilling]
+        self._prefill_deferred = False
+        if self.config.prefill_policy == "separate" and prefilling and decoding:
+            run_prefill = not self._last_step_prefilled
+            self._prefill_deferred = not run_prefill  # between layers of this decode step, if enabled
+            prefilling, decoding = (prefilling, []) if run_prefill else ([], decoding)
+        plan = [(s, SeqChunk(s.row, s.next_input(1), s.cached, s.slot, True)) for s in decoding]
+        plan += self._prefill_plan(prefilling)
+        self._last_step_prefilled = bool(prefilling)
+        plan.sort(key=lambda item: chunk_order(item[1]))  # the order PackedForward runs them in
+        return plan
+
+    def _prefill_plan(self, prefilling: list[RequestState]) -> list[tuple[RequestState, SeqChunk]]:
+        """Prompt chunks of ``prefilling``, in order, within the ``prefill_chunk`` token budget."""
+        plan = []
+        budget = self.config.prefill_chunk
+        for state in prefilling:
+            if budget <= 0:
+                break
+            tokens = state.next_input(budget)
+            budget -= len(tokens)
+            last = state.cached + len(tokens) == len(state.prompt_ids)
+            plan.append((state, SeqChunk(state.row, tokens, state.cached, state.slot, last)))
+        plan.sort(key=lambda item: chunk_order(item[1]))
+        return plan
+
+    def _advance(self, plan: list[tuple[RequestState, SeqChunk]], logits: torch.Tensor) -> None:
+        row = 0
+        for state, chunk in plan:
+            state.cached += len(chunk.token_ids)
+            if not chunk.want_logits:
+                continue
+            params = state.request.sampling
+            token = sample_token(logits[row], params, state.prompt_ids + state.output_ids, state.generator)
+            row += 1
+            self._emit_token(state, token)
+
+    def _emit_token(self, state: RequestState, token: int) -> None:
+        t = now()
+        self.observer.on_token(
+            state.request.request_id,
+            state.request.adapter,
+            t - state.last_token if state.last_token else None,
+        )
+        state.first_token = state.first_token or t
+        state.last_token = t
+        state.output_ids.append(token)
+        params = state.request.sampling
+        is_eos = token in self.eos_ids and not params.ignore_eos
+        delta = "" if is_eos else state.text.add(token)
+        reason: FinishReason | None = None
+        if is_eos:
+            reason = "eos"
+        elif state.text.stopped:
+            reason = "stop"
+        elif len(state.output_ids) >= params.max_new_tokens or state.cached + 1 >= self.config.max_seq_len:
+            reason = "length"
+        if reason is None:
+            state.emit(TokenEvent(delta, (token,)))
+            return
+        delta += state.text.flush()
+        state.emit(TokenEvent(delta, (token,), result=state.result(reason)))
+        self._remove(state)
+
+    def _remove(self, state: RequestState) -> None:
+        if state in self._running:
+            self._running.remove(state)
+        if state in self._waiting:
+            self._waiting.remove(state)
+        self._release(state)
+
+    def _release(self, state: RequestState) -> None:
+        if state.row >= 0:
+            self.kv.release(state.row)
+            state.row = -1
+        if state.slot >= 0:
+            self.adapters.slots.release(state.digest)
+            state.slot = -1
+
+    # -- admin --------------------------------------------------------------------------------
+
+    def load_adapter(self, ref: str, tier: Tier = "device", timeout: float = 120.0) -> AdapterStatus:
+        """Warm ``ref`` into ``tier`` ahead of traffic (``disk``: pull only; ``host``; ``device``)."""
+        if tier not in ("device", "host", "disk"):
+            raise InvalidArgumentError(f"tier must be device, host or disk, got {tier!r}")
+        if tier == "disk":
+            name, digest, _ = self.adapters.resolve(ref)
+            self.adapters.registry.pull(f"{name}@{digest}")
+            self.adapters.remember(name, digest)
+            return self.adapters.status(digest)
+        adapter = self.adapters.request(ref).result(timeout=timeout)
+        if tier == "device":
+            with self.step_lock:
+                if self.adapters.activate(adapter) is None:
+                    raise OverloadedError("every adapter slot is pinned or in use")
+        return self.adapters.status(adapter.digest)
+
+    def unload_adapter(self, ref: str) -> None:
+        """Drop ``ref`` from the device and host tiers (a slot in use is freed when its requests end)."""
+        _, digest, _ = self.adapters.resolve(ref)
+        with self.step_lock:
+            self.adapters.unload(digest)
+
+    def pin(self, ref: str) -> AdapterStatus:
+        """Load ``ref`` onto the device and keep it there."""
+        status = self.load_adapter(ref, "device")
+        with self.step_lock:
+            self.adapters.set_pinned(status.digest, True)
+        return self.adapters.status(status.digest)
+
+    def unpin(self, ref: str) -> AdapterStatus:
+        _, digest, _ = self.adapters.resolve(ref)
+        with self.step_lock:
+            self.adapters.set_pinned(digest, False)
+        return self.adapters.status(digest)
+
+    def list_adapters(self) -> list[AdapterStatus]:
+        return self.adapters.statuses()
+
+    def info(self) -> EngineInfo:
+        import peft
+        import transformers
+
+        from loraswap import __version__
+
+        return EngineInfo(
+            base_model=self.base_ref.model_id,
+            base_fingerprint=self.fingerprint,
+            quantization=self.loaded.quantization,
+            dtype=str(self.loaded.compute_dtype).removeprefix("torch."),
+            device=str(self.device),
+            adapter_slots=self.config.adapter_slots,
+            max_rank=self.config.max_rank,
+            max_batch_size=self.config.max_batch_size,
+            max_seq_len=self.config.max_seq_len,
+            max_queue=self.config.max_queue,
+            kv_cache_bytes=self.kv.nbytes,
+            versions={
+                "loraswap": __version__,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "peft": peft.__version__,
+            },
+        )
+
+
+def _check_architecture(model_config: dict, max_seq_len: int) -> None:
+    """Refuse what the packed forward does not implement (it has full causal attention only)."""
+    window = model_config.get("sliding_window")
+    uses_window = model_config.get("use_sliding_window", model_config.get("model_type") == "mistral")
+    if uses_window and window and max_seq_len > window:
+        raise InvalidArgumentError(
+            f"the base uses sliding-window attention ({window} tokens), which loraswap does not implement; "
+            f"set max_seq_len <= {window}"
+        )
+
+
+def _make_kv_cache(model_config, config: EngineConfig, dtype: torch.dtype, device: torch.device) -> KVCache:
+    heads = model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    return KVCache(
+        model_config.num_hidden_layers,
+        config.max_batch_size,
+        config.max_seq_len,
+        model_config.num_key_value_heads,
+        head_dim,
+        dtype,
+        device,
+    )
+
+
+def _eos_ids(tokenizer, model) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return ids

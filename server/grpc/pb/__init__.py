@@ -1,0 +1,1 @@
+"""Generated from protos/loraswap/v1/*.proto by loraswap.devtools.protogen; do not edit."""

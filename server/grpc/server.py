@@ -1,0 +1,137 @@
+"""The gRPC server: servicers, health, reflection, interceptors, limits, TLS and graceful drain.
+
+:class:`GrpcServer` listens before the base model is loaded (health says NOT_SERVING, calls get
+UNAVAILABLE), serves once :meth:`GrpcServer.attach` hands it the engine, and drains on
+:meth:`GrpcServer.shutdown`. :func:`serve` is the whole lifecycle, used by ``loraswap serve``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from loraswap.server.grpc.auth import AuthInterceptor, TokenAuth
+from loraswap.server.grpc.interceptors import ErrorInterceptor
+from loraswap.server.grpc.pb import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+from loraswap.server.grpc.servicers import AdminServicer, EngineSlot, InferenceServicer
+from loraswap.server.metrics import Metrics
+from loraswap.server.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+HEALTH_SERVICES = ("", INFERENCE_SERVICE, ADMIN_SERVICE)
+EXTRA_WORKERS = 4  # threads beyond max_concurrent_rpcs, for health checks and reflection
+
+
+def server_credentials(settings: ServeSettings) -> grpc.ServerCredentials:
+    """TLS credentials; with ``tls_client_ca`` the client must present a certificate it signed."""
+    ca = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
+    pair = (Path(settings.tls_key or "").read_bytes(), Path(settings.tls_cert or "").read_bytes())
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+
+class GrpcServer:
+    """One gRPC server over one engine."""
+
+    def __init__(self, settings: ServeSettings, metrics: Metrics) -> None:
+        self.settings, self.metrics = settings, metrics
+        self.slot = EngineSlot()
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        auth = TokenAuth(settings.inference_tokens, settings.admin_tokens)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.max_concurrent_rpcs + EXTRA_WORKERS),
+            interceptors=[ErrorInterceptor(metrics.on_call), AuthInterceptor(auth)],
+            options=[
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        )
+        inference_pb2_grpc.add_InferenceServicer_to_server(
+            InferenceServicer(self.slot, settings, metrics), self.server
+        )
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.slot, settings), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = (INFERENCE_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.server)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = 0
+
+    def _set_health(self, status: int) -> None:
+        for name in HEALTH_SERVICES:
+            self.health.set(name, status)
+
+    def start(self) -> int:
+        """Listen (TLS when configured) and return the bound port."""
+        address = f"{self.settings.host}:{self.settings.port}"
+        if self.settings.tls_cert:
+            self.port = self.server.add_secure_port(address, server_credentials(self.settings))
+        else:
+            self.port = self.server.add_insecure_port(address)
+        self.server.start()
+        return self.port
+
+    def attach(self, engine: Any) -> None:
+        """Serve ``engine`` from now on; health turns SERVING."""
+        self.slot.engine = engine
+        self.metrics.attach_engine(engine)
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def shutdown(self, grace: float) -> None:
+        """Drain: health NOT_SERVING at once, the engine refuses new work and finishes in-flight requests
+        (up to ``grace`` seconds), then the server stops."""
+        self.health.enter_graceful_shutdown()
+        engine = self.slot.engine
+        if engine is not None:
+            engine.stop(drain_timeout=grace)
+        self.server.stop(grace=min(grace, 5.0)).wait()
+
+
+def serve(
+    settings: ServeSettings,
+    stop: threading.Event,
+    on_ready: Callable[[GrpcServer, int | None], None] | None = None,
+) -> int:
+    """Run a server until ``stop`` is set, then drain. Returns the process exit status."""
+    from loraswap.server.engine import Engine
+
+    metrics = Metrics(settings.metrics_adapters)
+    server = GrpcServer(settings, metrics)
+    port = server.start()
+    metrics_port = None
+    if settings.metrics_port >= 0:
+        metrics_port = metrics.serve_http(settings.metrics_host, settings.metrics_port)
+    _say(f"listening on {settings.host}:{port} (metrics: {metrics_port}); loading {settings.engine.base}")
+    try:
+        engine = Engine(settings.engine, observer=metrics)
+        engine.start()
+        server.attach(engine)
+        _say(f"serving on {settings.host}:{port}")
+        if on_ready is not None:
+            on_ready(server, metrics_port)
+        # Wake up often: a signal delivered to another thread (gRPC, engine) only runs its Python handler
+        # once the main thread executes bytecode again, which a plain stop.wait() would never do.
+        while not stop.wait(timeout=0.1):
+            pass
+        _say(f"draining (grace {settings.grace_seconds:g}s)")
+    finally:
+        server.shutdown(settings.grace_seconds)
+        metrics.stop_http()
+    _say("stopped")
+    return 0
+
+
+def _say(message: str) -> None:
+    print(f"loraswap serve: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,91 @@
+"""The gRPC servicers: thin methods over the engine; protobuf handled by :mod:`loraswap.server.grpc.convert`.
+
+Errors are raised as domain exceptions and mapped to status codes by
+:class:`~loraswap.server.grpc.interceptors.ErrorInterceptor`. Each generation carries the call's deadline,
+and the call's termination (client cancel, deadline, server stop) cancels its engine handle.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from loraswap.errors import DrainingError
+from loraswap.server.grpc import convert
+from loraswap.server.grpc.pb import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+from loraswap.server.metrics import Metrics
+from loraswap.server.settings import ServeSettings
+
+NO_DEADLINE_S = 1e8  # time_remaining() of a call without a deadline is huge, not None
+
+
+def call_deadline(context: grpc.ServicerContext) -> float | None:
+    """The call's deadline as an absolute ``time.monotonic()`` (None when the client set none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > NO_DEADLINE_S else time.monotonic() + remaining
+
+
+class EngineSlot:
+    """The engine, once the base model is loaded; until then calls get UNAVAILABLE."""
+
+    def __init__(self) -> None:
+        self.engine: Any = None
+
+    def get(self) -> Any:
+        if self.engine is None:
+            raise DrainingError("the server is starting: the base model is still loading")
+        return self.engine
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, slot: EngineSlot, settings: ServeSettings, metrics: Metrics) -> None:
+        self.slot, self.settings, self.metrics = slot, settings, metrics
+
+    def _submit(self, request: inference_pb2.GenerateRequest, context: grpc.ServicerContext) -> Any:
+        req = convert.request_from_pb(request, self.settings, deadline=call_deadline(context))
+        handle = self.slot.get().submit(req)
+        if not context.add_callback(handle.cancel):  # runs when the call ends for any reason
+            handle.cancel()  # the call has already ended
+        return handle
+
+    def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.ServicerContext) -> Any:
+        result = self._submit(request, context).result()
+        self.metrics.on_result(request.adapter, result)
+        return convert.result_to_pb(result)
+
+    def GenerateStream(
+        self, request: inference_pb2.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[Any]:
+        for event in self._submit(request, context).events():
+            if event.result is not None:
+                self.metrics.on_result(request.adapter, event.result)
+            yield convert.event_to_pb(event)
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    def __init__(self, slot: EngineSlot, settings: ServeSettings) -> None:
+        self.slot, self.settings = slot, settings
+
+    def LoadAdapter(self, request: admin_pb2.LoadAdapterRequest, context: grpc.ServicerContext) -> Any:
+        ref, tier = convert.adapter_ref_from_pb(request.adapter), convert.tier_from_pb(request.tier)
+        return convert.status_to_pb(self.slot.get().load_adapter(ref, tier))
+
+    def UnloadAdapter(self, request: admin_pb2.UnloadAdapterRequest, context: grpc.ServicerContext) -> Any:
+        self.slot.get().unload_adapter(convert.adapter_ref_from_pb(request.adapter))
+        return admin_pb2.UnloadAdapterResponse()
+
+    def PinAdapter(self, request: admin_pb2.PinAdapterRequest, context: grpc.ServicerContext) -> Any:
+        return convert.status_to_pb(self.slot.get().pin(convert.adapter_ref_from_pb(request.adapter)))
+
+    def UnpinAdapter(self, request: admin_pb2.UnpinAdapterRequest, context: grpc.ServicerContext) -> Any:
+        return convert.status_to_pb(self.slot.get().unpin(convert.adapter_ref_from_pb(request.adapter)))
+
+    def ListAdapters(self, request: admin_pb2.ListAdaptersRequest, context: grpc.ServicerContext) -> Any:
+        adapters = [convert.status_to_pb(s) for s in self.slot.get().list_adapters()]
+        return admin_pb2.ListAdaptersResponse(adapters=adapters)
+
+    def ServerInfo(self, request: admin_pb2.ServerInfoRequest, context: grpc.ServicerContext) -> Any:
+        return convert.info_to_pb(self.slot.get().info(), self.settings)

@@ -1,1 +1,0 @@
-"""Generated from protos/loraswap/v1/*.proto by loraswap.server.protogen; do not edit."""

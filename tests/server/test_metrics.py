@@ -1,0 +1,70 @@
+"""The metrics module on its own: observer hooks, bounded adapter labels, a dedicated registry, HTTP."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+from prometheus_client import REGISTRY
+
+from loraswap.server.engine.api import GenerationResult, Timings
+from loraswap.server.metrics import Metrics, adapter_name
+
+
+def value(m: Metrics, name: str, **labels: str) -> float:
+    return m.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_adapter_labels_are_bounded() -> None:
+    m = Metrics(tracked_adapters=["support"])
+    assert adapter_name("support@sha256:abc") == "support" and adapter_name("support:prod") == "support"
+    assert m.adapter_label("support:prod") == "support"
+    assert m.adapter_label("anything-else:v2") == "other"
+    assert m.adapter_label("") == "base"
+
+
+def test_observer_hooks_feed_the_metrics() -> None:
+    m = Metrics(tracked_adapters=["a"])
+    m.on_cache_lookup("device", False)
+    m.on_cache_lookup("host", True)
+    m.on_adapter_load("registry", 0.05)
+    m.on_eviction("device", "lru")
+    m.on_load_failure("NotFoundError")
+    m.on_step(batch_size=3, distinct_adapters=2, prefill_tokens=10, seconds=0.01)
+    m.on_token("r", "a", None)
+    m.on_token("r", "a", 0.02)
+    m.on_call("/loraswap.v1.Inference/Generate", grpc.StatusCode.NOT_FOUND, 0.1)
+    result = GenerationResult("xy", "length", 4, 2, "sha256:0", (1, 2), Timings(0.1, 0.2, 0.3))
+    m.on_result("a:prod", result)
+    m.on_result("zzz", result)
+    assert value(m, "loraswap_adapter_cache_lookups_total", tier="device") == 1
+    assert value(m, "loraswap_adapter_cache_hits_total", tier="device") == 0
+    assert value(m, "loraswap_adapter_cache_hits_total", tier="host") == 1
+    assert value(m, "loraswap_adapter_loads_total", source="registry") == 1
+    assert value(m, "loraswap_adapter_load_duration_seconds_sum", source="registry") == 0.05
+    assert value(m, "loraswap_adapter_evictions_total", tier="device", reason="lru") == 1
+    assert value(m, "loraswap_adapter_load_failures_total", reason="NotFoundError") == 1
+    assert value(m, "loraswap_batch_size_sum") == 3 and value(m, "loraswap_step_distinct_adapters_sum") == 2
+    assert value(m, "loraswap_prefill_tokens_total") == 10
+    assert value(m, "loraswap_inter_token_latency_seconds_count") == 1
+    code = {"method": "/loraswap.v1.Inference/Generate", "code": "NOT_FOUND"}
+    assert value(m, "loraswap_requests_total", **code) == 1
+    assert value(m, "loraswap_generated_tokens_total", adapter="a") == 2
+    assert value(m, "loraswap_generated_tokens_total", adapter="other") == 2
+    assert value(m, "loraswap_time_to_first_token_seconds_sum", adapter="a") == 0.2
+    assert value(m, "loraswap_request_duration_seconds_count", adapter="other") == 1
+
+
+def test_each_server_has_its_own_registry_and_endpoint() -> None:
+    one, two = Metrics(), Metrics()
+    one.on_load_failure("x")
+    assert value(two, "loraswap_adapter_load_failures_total", reason="x") == 0
+    assert REGISTRY.get_sample_value("loraswap_adapter_load_failures_total", {"reason": "x"}) is None
+    port = one.serve_http("127.0.0.1", 0)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        assert 'loraswap_adapter_load_failures_total{reason="x"} 1.0' in text
+        assert "python_gc" not in text  # not the global registry's default collectors
+    finally:
+        one.stop_http()
