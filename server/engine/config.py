@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loraswap.server.lora.ops import OPS
+
 QUANTIZATIONS = ("nf4", "int8", "bf16", "fp16", "fp32")
-LORA_OPS = ("auto", "grouped", "bgmv", "sgmv", "reference")
+LORA_OPS = ("auto", *OPS)
 
 
 @dataclass

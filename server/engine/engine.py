@@ -1,8 +1,14 @@
 """The multi-LoRA engine: one resident base, per-request adapters, iteration-level batching.
 
-A background thread runs steps. Each step admits waiting requests (FIFO, as KV rows and adapter
-slots allow), builds one packed batch of decode tokens plus bounded prefill chunks, runs one forward
-pass, samples, and streams tokens back. Requests join and leave at step boundaries.
+A background thread (the engine thread) runs steps. Each step admits waiting requests (FIFO, as KV
+rows and adapter slots allow), asks the :class:`~loraswap.server.engine.scheduler.Scheduler` for one
+packed batch of decode tokens plus bounded prefill chunks, runs one forward pass, samples, and streams
+tokens back. Requests join and leave at step boundaries (or between the layers of a decode step, for
+a prefill: see the scheduler).
+
+Threads: callers submit from any thread (under ``_cv``); the request lists, the KV rows and the
+scheduler's state belong to the engine thread, and admin operations take ``step_lock`` to act between
+steps.
 """
 
 from __future__ import annotations
@@ -41,10 +47,11 @@ from loraswap.server.engine.api import (
 )
 from loraswap.server.engine.base_loader import default_quantization, load_base
 from loraswap.server.engine.detok import TextStream
-from loraswap.server.engine.forward import PackedForward, SeqChunk, chunk_order
+from loraswap.server.engine.forward import PackedForward
 from loraswap.server.engine.kv_cache import KVCache
 from loraswap.server.engine.request import RequestHandle, RequestState
 from loraswap.server.engine.sampling import make_generator, sample_token
+from loraswap.server.engine.scheduler import Plan, Scheduler
 from loraswap.server.lora.layer import install_lora_layers
 
 log = logging.getLogger(__name__)
@@ -108,12 +115,7 @@ class Engine:
         self.step_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._last_step_prefilled = False
-        self._interrupted = False  # the decode step in flight has already run a prefill between layers
-        self._nested_s = 0.0  # seconds of that prefill (not counted as the decode step's own time)
-        self._adapters_ready = False  # an adapter load finished since the last look between layers
-        self._prefill_deferred = False  # this decode step's plan left admitted prompts for later
-        self._in_step: set[int] = set()  # ids of the requests of the step in flight
+        self.scheduler = Scheduler(config.prefill_policy, config.prefill_chunk, config.prefill_between_layers)
         self.draining = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -173,6 +175,7 @@ class Engine:
                 generator=make_generator(request.sampling),
             )
             self._incoming.append(state)
+            self.scheduler.arrivals.set()
             self.observer.on_queue_depth(self.queue_depth())
             self._cv.notify()
         return RequestHandle(state)
@@ -186,7 +189,7 @@ class Engine:
             self._cv.notify()
 
     def _adapter_ready(self, _future: object) -> None:
-        self._adapters_ready = True  # read between layers of a decode step (a plain flag: no lock there)
+        self.scheduler.arrivals.set()  # looked at between the layers of a decode step
         self._wake()
 
     def _encode(self, request: GenerationRequest) -> list[int]:
@@ -250,48 +253,38 @@ class Engine:
         self._admit()
         if not self._running:
             return
-        plan = self._plan()
-        decode_only = all(len(c.token_ids) == 1 for _, c in plan)
-        interrupt = self.config.prefill_policy == "separate" and self.config.prefill_between_layers
-        self._in_step = {id(state) for state, _ in plan}
-        self._run(plan, self._prefill_between_layers if decode_only and interrupt else None)
-
-    def _run(
-        self, plan: list[tuple[RequestState, SeqChunk]], between_layers: Callable[[], None] | None = None
-    ) -> None:
+        plan = self.scheduler.plan(self._running)
+        pausable = self.scheduler.begin(plan)
         started = time.perf_counter()
-        self._interrupted, self._nested_s = False, 0.0
+        self._run(plan, self._prefill_between_layers if pausable else None)
+        self._observe(plan, time.perf_counter() - started - self.scheduler.step.nested_s)
+
+    def _run(self, plan: Plan, between_layers: Callable[[], None] | None = None) -> None:
         logits = self.forward([chunk for _, chunk in plan], between_layers)
         self._advance(plan, logits)
+
+    def _observe(self, plan: Plan, seconds: float) -> None:
         distinct = len({c.slot for _, c in plan if c.slot >= 0})
         prefill = sum(len(c.token_ids) for _, c in plan if len(c.token_ids) > 1)
-        seconds = time.perf_counter() - started - self._nested_s  # a nested prefill reports itself
         self.observer.on_step(len(plan), distinct, prefill, seconds)
 
     def _prefill_between_layers(self) -> None:
-        """Called between two layers of a decode step: if requests arrived (or their adapters became
-        ready) since the step began, or admitted prompts wait for their turn, run one prefill step now
-        (once per decode step). Decodes wait for one bounded prefill either way; first tokens do not
-        wait for the decode step in flight."""
-        pending = self._incoming or self._adapters_ready or self._prefill_deferred
-        if self._interrupted or not pending:
-            return  # O(1) per layer: nothing arrived, no adapter load finished, no prefill waits its turn
-        self._adapters_ready = self._prefill_deferred = False
+        """Called between two layers of a decode step: run the prefill the scheduler picks, if any
+        (at most one per decode step), so first tokens do not wait for the step in flight."""
+        if not self.scheduler.should_pause():
+            return
         with self._cv:
             self.take_incoming()
         self._drop_dead(self._waiting)  # never running ones: the paused step still uses their rows
         self._admit()
-        # not the paused step's own requests (a one-token last prompt chunk counts as a decode there)
-        prefilling = [s for s in self._running if s.prefilling and id(s) not in self._in_step]
-        if not prefilling:
+        plan = self.scheduler.nested_plan(self._running)
+        if not plan:
             return
-        self._interrupted = True
-        plan = self._prefill_plan(prefilling)
-        self._last_step_prefilled = True
         started = time.perf_counter()
         self._run(plan)
-        self._interrupted = True  # _run reset both: this step has had its prefill, which took
-        self._nested_s = time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self.scheduler.nested_done(seconds)
+        self._observe(plan, seconds)
 
     def _drop_dead(self, states: list[RequestState] | None = None) -> None:
         """Fail and remove cancelled or expired requests among ``states`` (default: all)."""
@@ -328,38 +321,7 @@ class Engine:
             self._running.append(state)
         self.observer.on_queue_depth(self.queue_depth())
 
-    def _plan(self) -> list[tuple[RequestState, SeqChunk]]:
-        """This step's chunks. With the ``separate`` policy, prefill chunks and decode tokens take turns
-        (a new request's first token is not held up by a full decode batch, and decodes wait for at
-        most one bounded prefill step); with ``mixed`` they share every step."""
-        prefilling = [s for s in self._running if s.prefilling]
-        decoding = [s for s in self._running if not s.prefilling]
-        self._prefill_deferred = False
-        if self.config.prefill_policy == "separate" and prefilling and decoding:
-            run_prefill = not self._last_step_prefilled
-            self._prefill_deferred = not run_prefill  # between layers of this decode step, if enabled
-            prefilling, decoding = (prefilling, []) if run_prefill else ([], decoding)
-        plan = [(s, SeqChunk(s.row, s.next_input(1), s.cached, s.slot, True)) for s in decoding]
-        plan += self._prefill_plan(prefilling)
-        self._last_step_prefilled = bool(prefilling)
-        plan.sort(key=lambda item: chunk_order(item[1]))  # the order PackedForward runs them in
-        return plan
-
-    def _prefill_plan(self, prefilling: list[RequestState]) -> list[tuple[RequestState, SeqChunk]]:
-        """Prompt chunks of ``prefilling``, in order, within the ``prefill_chunk`` token budget."""
-        plan = []
-        budget = self.config.prefill_chunk
-        for state in prefilling:
-            if budget <= 0:
-                break
-            tokens = state.next_input(budget)
-            budget -= len(tokens)
-            last = state.cached + len(tokens) == len(state.prompt_ids)
-            plan.append((state, SeqChunk(state.row, tokens, state.cached, state.slot, last)))
-        plan.sort(key=lambda item: chunk_order(item[1]))
-        return plan
-
-    def _advance(self, plan: list[tuple[RequestState, SeqChunk]], logits: torch.Tensor) -> None:
+    def _advance(self, plan: Plan, logits: torch.Tensor) -> None:
         row = 0
         for state, chunk in plan:
             state.cached += len(chunk.token_ids)

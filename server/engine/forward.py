@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraswap.server.engine.kv_cache import KVCache
-from loraswap.server.lora.layer import LoraContext
+from loraswap.server.lora.context import LoraContext
 
 
 @dataclass

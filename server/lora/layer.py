@@ -1,16 +1,15 @@
-"""The batched LoRA linear layer and the per-step context all such layers read.
+"""The batched LoRA linear layer: it owns its slot buffers and how they are filled.
 
 Each targeted projection of the base is wrapped once, at start-up, by :class:`BatchedLoraLinear`,
-which owns slot buffers allocated once. Activating an adapter copies its matrices into a slot;
-the base layer itself is never modified (no ``state_dict()``, no weight edits: safe on a quantized
-base).
+which owns slot buffers allocated once. Activating an adapter copies its matrices into a slot
+(:meth:`BatchedLoraLinear.set_slot` for one layer, :func:`fill_slot` for all layers of an adapter at
+once); the base layer itself is never modified (no ``state_dict()``, no weight edits: safe on a
+quantized base).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -18,91 +17,7 @@ from torch import nn
 
 from loraswap.adapter_format import SUPPORTED_TARGETS
 from loraswap.server.adapters.safetensors_buffer import tensor_bits
-from loraswap.server.lora.ops import (
-    group_layout,
-    lora_bgmv,
-    lora_grouped,
-    lora_reference,
-    lora_sgmv,
-    segments,
-)
-
-
-@dataclass
-class LoraContext:
-    """What the current forward pass needs to know about adapters, shared by every LoRA layer.
-
-    Attributes:
-        slots: ``[T]`` slot index per token (-1 = base only), on the model's device.
-        runs: Runs of equal slots, for the segmented op.
-        rank: Largest rank among the slots in use (ops skip zero padding past it).
-        layout: Grid layout for the grouped op (first slot, slot count, tokens per slot, cells).
-        in_place: The tokens already form the grouped op's grid (sorted by slot, every slot of the range
-            with the same token count), so LoRA layers add their delta into the output in place.
-        op: The op chosen for this batch.
-        used: The slots the batch uses; a layer none of whose filled slots is among them skips LoRA.
-        max_rank: Rows of the slot buffers (0 = unknown). When the batch's rank is at least half of it,
-            the ops run all rows: a rank slice below the buffer size makes the slot views
-            non-contiguous, and bmm then copies them (measured on CPU: slower than reading the zero
-            padding, up to 2x the rank needed).
-    """
-
-    slots: torch.Tensor | None = None
-    runs: list[tuple[int, int, int]] = field(default_factory=list)
-    rank: int = 0
-    layout: tuple[int, int, int, torch.Tensor] | None = None
-    in_place: bool = False
-    op: Callable[..., torch.Tensor] | None = None
-    used: frozenset[int] = frozenset()
-    max_rank: int = 0
-
-    def set_batch(self, slot_list: list[int], ranks: dict[int, int], device: torch.device, mode: str) -> None:
-        """Prepare for a forward over tokens whose slots are ``slot_list``."""
-        self.slots = torch.tensor(slot_list, dtype=torch.long, device=device)
-        self.runs = segments(slot_list)
-        self.used = frozenset(s for s in slot_list if s >= 0)
-        rank = max((ranks[s] for s in set(slot_list) if s >= 0), default=0)
-        self.rank = self.max_rank if rank and 2 * rank >= self.max_rank > 0 else rank
-        found = group_layout(slot_list)
-        grid_cells = found[1] * found[2] if found else 0
-        self.layout = None
-        if found:
-            self.layout = (*found[:3], torch.tensor(found[3], dtype=torch.long, device=device))
-        self.op = choose_op(mode, len(slot_list), len(self.runs), grid_cells)
-        self.in_place = bool(
-            found
-            and mode == "auto"
-            and self.op is lora_grouped
-            and found[1] * found[2] == len(slot_list)
-            and found[3] == list(range(len(slot_list)))
-        )
-
-    def snapshot(self) -> LoraContext:
-        """A copy of the current batch state (a forward nested between layers restores it after)."""
-        return dataclasses.replace(self)
-
-    def restore(self, saved: LoraContext) -> None:
-        """Put back a :meth:`snapshot` (after a forward, the state from before it)."""
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, getattr(saved, f.name))
-
-
-def choose_op(
-    mode: str, num_tokens: int, num_runs: int, grid_cells: int
-) -> Callable[..., torch.Tensor] | None:
-    """Pick the LoRA op for a batch (None when no token has an adapter).
-
-    ``auto``: the grouped op when its slot grid is dense (at most twice the tokens: decode over a compact
-    slot range, or one adapter), else segmented matmuls when runs are long (prefill), else gather+bmm.
-    """
-    if num_runs == 0:
-        return None
-    fixed = {"reference": lora_reference, "bgmv": lora_bgmv, "sgmv": lora_sgmv, "grouped": lora_grouped}
-    if mode in fixed:
-        return fixed[mode]
-    if grid_cells <= 2 * num_tokens:
-        return lora_grouped
-    return lora_sgmv if num_tokens >= 4 * num_runs else lora_bgmv
+from loraswap.server.lora.context import LoraContext
 
 
 class BatchedLoraLinear(nn.Module):
@@ -139,32 +54,16 @@ class BatchedLoraLinear(nn.Module):
         ctx = self.context
         if ctx.op is None or ctx.used.isdisjoint(self.filled):
             return y  # no adapter of this batch targets this layer
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1]).to(self.a.dtype)  # [T, in]
-        if ctx.in_place and y.dtype == self.bt.dtype:
-            return self._add_grouped_in_place(flat, y)
-        if ctx.op is lora_sgmv:
-            delta = lora_sgmv(flat, self.a, self.bt, ctx.slots, ctx.rank, ctx.runs)
-        elif ctx.op is lora_grouped:
-            delta = lora_grouped(flat, self.a, self.bt, ctx.slots, ctx.rank, ctx.layout)
-        else:
-            delta = ctx.op(flat, self.a, self.bt, ctx.slots, ctx.rank)
-        return y + delta.reshape(*shape[:-1], self.out_features).to(y.dtype)
+        flat = x.reshape(-1, x.shape[-1]).to(self.a.dtype)  # [T, in]
+        return ctx.op.apply(y, flat, self.a, self.bt, ctx)
 
-    def _add_grouped_in_place(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``y += delta`` for a batch that is its own grouped grid: two bmm, no scatter, no copy."""
-        first, count, per_slot, _ = self.context.layout
-        rank = self.context.rank
-        grid = x.view(count, per_slot, x.shape[-1])  # [S, n, in]
-        h = torch.bmm(grid, self.a[first : first + count, :rank].transpose(1, 2))  # [S, n, r]
-        y.view(count, per_slot, self.out_features).baddbmm_(h, self.bt[first : first + count, :rank])
-        return y
-
-    def load_slot(
-        self, slot: int, a: torch.Tensor | None, bt: torch.Tensor | None, scale: float = 1.0
-    ) -> None:
-        """Copy ``a: [r, in]`` and ``scale * bt`` (``bt: [r, out]``) into ``slot``; None clears it."""
+    def set_slot(self, slot: int, a: torch.Tensor, bt: torch.Tensor, scale: float = 1.0) -> None:
+        """Copy ``a: [r, in]`` and ``scale * bt`` (``bt: [r, out]``) into ``slot``."""
         fill_slot(slot, [(self, a, bt, scale)])
+
+    def reset_slot(self, slot: int) -> None:
+        """Zero the rows of ``slot`` that held weights (this layer then skips batches using only it)."""
+        fill_slot(slot, [(self, None, None, 1.0)])
 
     def slot_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """Numpy views of the CPU slot buffers' bits (made once), for :func:`fill_slot_bits`."""

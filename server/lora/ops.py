@@ -1,9 +1,12 @@
 """Batched multi-LoRA ops: ``y[t] += B[s_t] @ (A[s_t] @ x[t])`` for a per-token slot index ``s_t``.
 
+Each op is a :class:`LoraOp` with one ``apply`` (the layer calls it without knowing which op it got);
+the functions below are their arithmetic, also called directly by tests.
+
 Slot buffers are ``a: [slots, max_rank, in]`` and ``bt: [slots, max_rank, out]`` (B transposed, with
 the LoRA scaling folded in). Ranks below ``max_rank`` are zero-padded, so every op may be told to use
 only the first ``rank`` rows (the largest rank in the batch) and stay exact. A slot index < 0 means
-"no adapter" for that token. Three implementations, equal up to rounding, compared by the tests:
+"no adapter" for that token. Four implementations, equal up to rounding, compared by the tests:
 
 - :func:`lora_reference`: a per-token loop, obviously right, slow.
 - :func:`lora_bgmv`: gather each token's A/B and run two batched matmuls (best for decode: many
@@ -17,7 +20,12 @@ only the first ``rank`` rows (the largest rank in the batch) and stay exact. A s
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from loraswap.server.lora.context import LoraContext
 
 
 def lora_reference(
@@ -128,3 +136,80 @@ def lora_grouped(
     delta = x.new_zeros(x.shape[0], bt.shape[2])
     delta[active] = out[cells[active]]
     return delta
+
+
+class LoraOp:
+    """Adds a batch's LoRA delta to a layer's base output.
+
+    Attributes:
+        name: The op's name in ``EngineConfig.lora_op``.
+    """
+
+    name = ""
+
+    def apply(
+        self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, ctx: LoraContext
+    ) -> torch.Tensor:
+        """``y + delta`` for ``x: [T, in]`` (in the slot dtype), ``y: [..., out]`` the base output."""
+        return _plus(y, self.delta(x, a, bt, ctx))
+
+    def delta(self, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, ctx: LoraContext) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _plus(y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    return y + delta.reshape(y.shape).to(y.dtype)
+
+
+class ReferenceOp(LoraOp):
+    """:func:`lora_reference`: one token at a time (for tests)."""
+
+    name = "reference"
+
+    def delta(self, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, ctx: LoraContext) -> torch.Tensor:
+        return lora_reference(x, a, bt, ctx.slots)
+
+
+class GatherOp(LoraOp):
+    """:func:`lora_bgmv`: gather each token's matrices, two batched matmuls."""
+
+    name = "bgmv"
+
+    def delta(self, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, ctx: LoraContext) -> torch.Tensor:
+        return lora_bgmv(x, a, bt, ctx.slots, ctx.rank)
+
+
+class SegmentedOp(LoraOp):
+    """:func:`lora_sgmv`: one pair of matmuls per run of tokens sharing a slot."""
+
+    name = "sgmv"
+
+    def delta(self, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, ctx: LoraContext) -> torch.Tensor:
+        return lora_sgmv(x, a, bt, ctx.slots, ctx.rank, ctx.runs)
+
+
+class GroupedOp(LoraOp):
+    """:func:`lora_grouped`: two bmm over views of the slot buffers; when the batch is its own grid
+    (``ctx.in_place``) the delta is added into the output in place, with no scatter and no copy."""
+
+    name = "grouped"
+
+    def apply(
+        self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, ctx: LoraContext
+    ) -> torch.Tensor:
+        if not (ctx.in_place and y.dtype == bt.dtype):
+            return super().apply(y, x, a, bt, ctx)
+        first, count, per_slot, _ = ctx.layout
+        rank = ctx.rank
+        grid = x.view(count, per_slot, x.shape[-1])  # [S, n, in]
+        h = torch.bmm(grid, a[first : first + count, :rank].transpose(1, 2))  # [S, n, r]
+        y.view(count, per_slot, bt.shape[-1]).baddbmm_(h, bt[first : first + count, :rank])
+        return y
+
+    def delta(self, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, ctx: LoraContext) -> torch.Tensor:
+        return lora_grouped(x, a, bt, ctx.slots, ctx.rank, ctx.layout)
+
+
+REFERENCE, GATHER, SEGMENTED, GROUPED = ReferenceOp(), GatherOp(), SegmentedOp(), GroupedOp()
+OPS: dict[str, LoraOp] = {op.name: op for op in (REFERENCE, GATHER, SEGMENTED, GROUPED)}
+"""Every op by its ``EngineConfig.lora_op`` name."""

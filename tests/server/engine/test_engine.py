@@ -548,7 +548,7 @@ def test_a_prompt_the_alternation_defers_is_prefilled_inside_the_decode_step(
         late = engine.submit(GenerationRequest(adapter=names[2], prompt=PROMPTS[2], sampling=greedy(3)))
         late.state.adapter.result(timeout=30)
         engine.take_incoming()
-        engine._last_step_prefilled = True  # so the alternation picks a decode step now
+        engine.scheduler.last_step_prefilled = True  # so the alternation picks a decode step now
         before = [len(h.state.output_ids) for h in first]
         engine.step()
         assert [len(h.state.output_ids) for h in first] == [n + 1 for n in before]  # the decode step ran

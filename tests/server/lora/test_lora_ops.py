@@ -7,8 +7,12 @@ import json
 import pytest
 import torch
 
-from loraswap.server.lora.layer import choose_op
+from loraswap.server.lora.context import choose_op
 from loraswap.server.lora.ops import (
+    GATHER,
+    GROUPED,
+    OPS,
+    SEGMENTED,
     group_layout,
     lora_bgmv,
     lora_grouped,
@@ -63,10 +67,11 @@ def test_segments_and_op_choice() -> None:
     assert segments([0, 0, -1, 2, 2, 2, 0]) == [(0, 2, 0), (3, 6, 2), (6, 7, 0)]
     assert segments([-1, -1]) == []
     assert choose_op("auto", 8, 0, 0) is None
-    assert choose_op("auto", 8, 8, 8) is lora_grouped  # decode over a compact slot range
-    assert choose_op("auto", 8, 8, 64) is lora_bgmv  # decode over scattered slots
-    assert choose_op("auto", 400, 2, 1200) is lora_sgmv  # prefill: long runs
-    assert choose_op("reference", 400, 2, 400) is lora_reference
+    assert choose_op("auto", 8, 8, 8) is GROUPED  # decode over a compact slot range
+    assert choose_op("auto", 8, 8, 64) is GATHER  # decode over scattered slots
+    assert choose_op("auto", 400, 2, 1200) is SEGMENTED  # prefill: long runs
+    for name, op in OPS.items():
+        assert choose_op(name, 400, 2, 400) is op and op.name == name
 
 
 def test_group_layout_places_each_token_in_its_slot_row() -> None:
@@ -80,7 +85,8 @@ def test_group_layout_places_each_token_in_its_slot_row() -> None:
     "slot_list", [[0, 0, 1, 1, 2, 2], [1, 2, 3], [2, 2, 2, 2], [0, 0, 1], [-1, 0, 1], [3, 1, 1, 0]]
 )
 def test_lora_layer_matches_reference_in_every_mode(slot_list: list[int]) -> None:
-    from loraswap.server.lora.layer import BatchedLoraLinear, LoraContext
+    from loraswap.server.lora.context import LoraContext
+    from loraswap.server.lora.layer import BatchedLoraLinear
 
     torch.manual_seed(0)
     base = torch.nn.Linear(48, 80, bias=True)
@@ -88,7 +94,7 @@ def test_lora_layer_matches_reference_in_every_mode(slot_list: list[int]) -> Non
     layer = BatchedLoraLinear(base, num_slots=4, max_rank=8, context=context, dtype=torch.float32)
     ranks = {0: 8, 1: 4, 2: 6, 3: 2}
     for slot, rank in ranks.items():
-        layer.load_slot(slot, torch.randn(rank, 48), torch.randn(rank, 80))
+        layer.set_slot(slot, torch.randn(rank, 48), torch.randn(rank, 80))
     x = torch.randn(len(slot_list), 48)
     context.set_batch(slot_list, ranks, torch.device("cpu"), "reference")
     expected = layer(x)
@@ -102,7 +108,8 @@ def test_lora_layer_matches_reference_in_every_mode(slot_list: list[int]) -> Non
 
 
 def test_a_low_rank_batch_slices_the_rank_and_still_matches_the_reference() -> None:
-    from loraswap.server.lora.layer import BatchedLoraLinear, LoraContext
+    from loraswap.server.lora.context import LoraContext
+    from loraswap.server.lora.layer import BatchedLoraLinear
 
     torch.manual_seed(0)
     base = torch.nn.Linear(48, 80)
@@ -110,7 +117,7 @@ def test_a_low_rank_batch_slices_the_rank_and_still_matches_the_reference() -> N
     layer = BatchedLoraLinear(base, num_slots=3, max_rank=16, context=context, dtype=torch.float32)
     ranks = {0: 2, 1: 3, 2: 16}
     for slot, rank in ranks.items():
-        layer.load_slot(slot, torch.randn(rank, 48), torch.randn(rank, 80))
+        layer.set_slot(slot, torch.randn(rank, 48), torch.randn(rank, 80))
     x = torch.randn(4, 48)
     context.set_batch([0, 0, 1, 1], ranks, torch.device("cpu"), "reference")
     expected = layer(x)
@@ -122,32 +129,34 @@ def test_a_low_rank_batch_slices_the_rank_and_still_matches_the_reference() -> N
 
 
 def test_reloading_a_slot_with_a_lower_rank_or_nothing_leaves_no_stale_rows() -> None:
-    from loraswap.server.lora.layer import BatchedLoraLinear, LoraContext
+    from loraswap.server.lora.context import LoraContext
+    from loraswap.server.lora.layer import BatchedLoraLinear
 
     torch.manual_seed(0)
     base = torch.nn.Linear(48, 80, bias=False)
     context = LoraContext()
     layer = BatchedLoraLinear(base, num_slots=2, max_rank=8, context=context, dtype=torch.float32)
     x = torch.randn(3, 48)
-    layer.load_slot(1, torch.randn(8, 48), torch.randn(8, 80))
+    layer.set_slot(1, torch.randn(8, 48), torch.randn(8, 80))
     a, bt = torch.randn(2, 48), torch.randn(2, 80)
-    layer.load_slot(1, a, bt)  # rank 8 -> rank 2: rows 2..7 must be zero again
+    layer.set_slot(1, a, bt)  # rank 8 -> rank 2: rows 2..7 must be zero again
     assert layer.filled == {1: 2}
     assert not layer.a[1, 2:].any() and not layer.bt[1, 2:].any()
     context.set_batch([1, 1, 1], {1: 8}, torch.device("cpu"), "auto")  # rank 8 on purpose: padding is read
     torch.testing.assert_close(layer(x), base(x) + (x @ a.T) @ bt, rtol=1e-5, atol=1e-5)
-    layer.load_slot(1, None, None)
+    layer.set_slot(1, None, None)
     assert layer.filled == {} and not layer.a.any() and not layer.bt.any()
 
 
 def test_a_layer_no_adapter_of_the_batch_targets_returns_the_base_output() -> None:
-    from loraswap.server.lora.layer import BatchedLoraLinear, LoraContext
+    from loraswap.server.lora.context import LoraContext
+    from loraswap.server.lora.layer import BatchedLoraLinear
 
     torch.manual_seed(0)
     base = torch.nn.Linear(48, 80)
     context = LoraContext()
     layer = BatchedLoraLinear(base, num_slots=3, max_rank=4, context=context, dtype=torch.float32)
-    layer.load_slot(0, torch.randn(4, 48), torch.randn(4, 80))
+    layer.set_slot(0, torch.randn(4, 48), torch.randn(4, 80))
     x = torch.randn(2, 48)
     context.set_batch([1, 2], {1: 4, 2: 4}, torch.device("cpu"), "auto")  # slots 1, 2 leave it alone
     assert context.op is not None
@@ -160,7 +169,8 @@ def test_a_layer_no_adapter_of_the_batch_targets_returns_the_base_output() -> No
 def test_a_fill_with_a_scaling_equals_a_fill_of_the_scaled_matrix(dtype) -> None:
     """The slot scales its own copy of B^T (the host copy stays unscaled), on the numpy-bits path
     (same dtype) and the torch path (the host copy in another dtype)."""
-    from loraswap.server.lora.layer import BatchedLoraLinear, LoraContext, fill_slot
+    from loraswap.server.lora.context import LoraContext
+    from loraswap.server.lora.layer import BatchedLoraLinear, fill_slot
 
     base = torch.nn.Linear(48, 80, bias=False)
     layers = [BatchedLoraLinear(base, 3, 8, LoraContext(), dtype=dtype) for _ in range(2)]
