@@ -116,6 +116,37 @@ def activation_times(engine: Engine, registry, names: list[str]) -> dict[str, fl
     return {"bare_read_s": med(bare), "cold_s": med(cold), "warm_s": med(warm)}
 
 
+def slot_fill_ab(engine: Engine, registry, name: str, rounds: int = 20) -> dict[str, float]:
+    """Median warm slot fill of one all-projection adapter through the numpy-bits path (CPU slots) and
+    through torch copies, alternated on the same adapter and slot (the A/B that keeps the bits path)."""
+    from loraswap.server.lora.layer import fill_slot_bits, fill_slot_torch
+
+    digest = registry.resolve(name).digest
+    engine.load_adapter(name, "device")
+    adapter = engine.adapters.host.peek(digest)
+    layers = engine.adapters.layers
+    if next(iter(layers.values())).a.device.type != "cpu":
+        return {}
+    tensors = [
+        (layer, *adapter.modules.get(m, (None, None)), adapter.scales.get(m, 1.0))
+        for m, layer in layers.items()
+    ]
+    bits = adapter.cpu_bits()
+    arrays = [(layer, *bits.get(m, (None, None)), adapter.scales.get(m, 1.0)) for m, layer in layers.items()]
+    times: dict[str, list[float]] = {"fill_bits_s": [], "fill_torch_s": []}
+    with engine.step_lock:
+        slot = engine.adapters.slots.slot_of(digest)
+        for _ in range(rounds):
+            for key, fill, parts in (
+                ("fill_bits_s", fill_slot_bits, arrays),
+                ("fill_torch_s", fill_slot_torch, tensors),
+            ):
+                start = time.perf_counter()
+                fill(slot, parts)
+                times[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def memory_per_adapter(engine: Engine, registry, name: str) -> dict[str, int]:
     digest = registry.resolve(name).digest
     host = engine.adapters.host.peek(digest)
@@ -155,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, object] = {"device": str(engine.device), "quantization": engine.loaded.quantization}
     report.update(activation_times(engine, registry, [f"p{heavy}-task{n + i}" for i in range(10)]))
     report["memory"] = memory_per_adapter(engine, registry, f"p{heavy}-task{n}")
+    report.update(slot_fill_ab(engine, registry, f"p{heavy}-task{n}"))
     report["profiles"] = {}
     for p, label in enumerate(PROFILES):
         mixed = [f"p{p}-task{i}" for i in range(n)]
@@ -231,6 +263,9 @@ def print_report(r: dict) -> None:
         ("4. cold activation vs bare read", f"{r['cold_s'] * 1e3:.1f} vs {r['bare_read_s'] * 1e3:.1f} ms",
          f"{r['cold_s'] / r['bare_read_s']:.2f}x (target <= 1.5)"),
         ("4. warm activation (host -> slot), r16", f"{r['warm_s'] * 1e3:.2f} ms", ""),
+        *([("4. slot fill r16 all-proj: numpy bits vs torch copies",
+            f"{r['fill_bits_s'] * 1e3:.2f} vs {r['fill_torch_s'] * 1e3:.2f} ms",
+            f"{r['fill_bits_s'] / r['fill_torch_s']:.2f}x")] if "fill_bits_s" in r else []),
         ("5. 100 of 1000 (cold) vs 1 adapter", f"{r['many_cold_tps']:.1f} vs {r['many_one_tps']:.1f} tok/s",
          f"{r['many_cold_tps'] / r['many_one_tps']:.2f}x (target >= 0.8)"),
         ("5. 100 of 1000 (warm) vs 1 adapter", f"{r['many_warm_tps']:.1f} vs {r['many_one_tps']:.1f} tok/s",

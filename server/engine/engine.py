@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from importlib import metadata
 
 import torch
 
@@ -415,9 +416,6 @@ class Engine:
         return self.adapters.statuses()
 
     def info(self) -> EngineInfo:
-        import peft
-        import transformers
-
         from loraswap import __version__
 
         return EngineInfo(
@@ -435,8 +433,9 @@ class Engine:
             versions={
                 "loraswap": __version__,
                 "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "peft": peft.__version__,
+                # package metadata, not imports: importing peft imports bitsandbytes on every start
+                "transformers": metadata.version("transformers"),
+                "peft": metadata.version("peft"),
             },
         )
 

@@ -194,8 +194,8 @@ class PackedForward:
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: _Batch
     ) -> torch.Tensor:
         """One query per sequence against its cached keys: two batched matmuls over a view of the KV
-        rows (or a gather of them), softmax in fp32. On CPU this is 3-6x faster than SDPA with a
-        gathered cache (``bench/RESULTS.md``)."""
+        rows (or a gather of them), softmax in fp32 (on CPU it beats SDPA over a gathered
+        cache: ``bench/RESULTS.md``, "decode attention")."""
         length = batch.decode_len
         if batch.span is not None:
             first, end = batch.span

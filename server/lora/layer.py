@@ -84,13 +84,20 @@ def fill_slot(slot: int, parts: list[SlotPart]) -> None:
     layer, the slot getting ``scale * bt``; None matrices clear it. Only rows that held weights are
     zeroed, so layers the adapter leaves alone cost nothing.
 
-    Between CPU tensors of one dtype the copies go through numpy views of the bits (about 1 us of
-    overhead per copy against about 10 us for a torch ``copy_`` plus the slicing: it dominated the 420
-    small copies of an all-projection adapter); otherwise torch copies.
+    Between CPU tensors of one dtype the copies go through numpy views of the bits, whose per-copy
+    overhead is a fraction of a torch ``copy_`` plus its slicing (the bench's "slot fill" A/B measures
+    both paths side by side); otherwise torch copies.
     """
     if all(_bitwise_on_cpu(layer, a, bt) for layer, a, bt, _ in parts):
         fill_slot_bits(slot, [(layer, _maybe_bits(a), _maybe_bits(bt), s) for layer, a, bt, s in parts])
-        return
+    else:
+        fill_slot_torch(slot, parts)
+
+
+@torch.no_grad()
+def fill_slot_torch(slot: int, parts: list[SlotPart]) -> None:
+    """:func:`fill_slot` with torch copies, for any devices and dtypes (one transfer of the adapter's
+    host storage into accelerator slots, see :func:`staged`)."""
     stale: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
     sources: list[torch.Tensor] = []
@@ -153,8 +160,8 @@ BitsPart = tuple[BatchedLoraLinear, np.ndarray | None, np.ndarray | None, float]
 @torch.no_grad()
 def fill_slot_bits(slot: int, parts: list[BitsPart]) -> None:
     """:func:`fill_slot` for CPU slot buffers, from numpy views of the matrices' bits in the slot
-    dtype (``HostAdapter.cpu_bits``): one ``copyto`` per matrix, about 1 us of overhead each, then
-    one ``_foreach_mul_`` per distinct scaling over the copies of B^T."""
+    dtype (``HostAdapter.cpu_bits``): one ``copyto`` per matrix, then one ``_foreach_mul_`` per
+    distinct scaling over the copies of B^T."""
     scaled: dict[float, list[torch.Tensor]] = {}
     for layer, a, bt, scale in parts:
         slot_a, slot_bt = layer.slot_arrays()
