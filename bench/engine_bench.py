@@ -108,7 +108,7 @@ def activation_times(engine: Engine, registry, names: list[str]) -> dict[str, fl
         cold.append(time.perf_counter() - start)
         digest = registry.resolve(name).digest
         with engine.step_lock:
-            engine.adapters.slots.remove(digest)  # keep the host copy: the next activation is warm
+            engine.adapters.unload(digest, keep_host=True)  # the next activation is warm
         start = time.perf_counter()
         engine.load_adapter(name, "device")
         warm.append(time.perf_counter() - start)

@@ -22,18 +22,16 @@ from loraswap import paths
 from loraswap.errors import IntegrityError
 from loraswap.registry.layout import blob_key
 from loraswap.registry.manifest import Manifest
+from loraswap.registry.names import digest_hex
 from loraswap.registry.store import ObjectStore, Progress
 
 CHUNK = 1 << 20
 
 
 def file_digest(path: Path) -> str:
-    """``sha256:<hex>`` of a file, read in chunks."""
-    digest = hashlib.sha256()
+    """``sha256:<hex>`` of a file."""
     with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
+        return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 MARKER_SUFFIX = ".verified.json"
@@ -95,7 +93,11 @@ def folder_problems(folder: Path, manifest: Manifest, rehash: bool = False) -> l
 
 
 def download_blob(store: ObjectStore, digest: str, dest: Path, progress: Progress | None = None) -> None:
-    """Copy blob ``digest`` to ``dest``, checking its hash; :class:`IntegrityError` on mismatch."""
+    """Copy blob ``digest`` to ``dest``, checking its hash; :class:`IntegrityError` on mismatch.
+
+    The blob is hashed as it is written (one pass over the stream, reporting ``progress``), so this loop
+    does what ``hashlib.file_digest`` cannot: copy and hash at once.
+    """
     hasher = hashlib.sha256()
     with contextlib.closing(store.open(blob_key(digest))) as stream, open(dest, "wb") as out:
         while chunk := stream.read(CHUNK):
@@ -106,6 +108,15 @@ def download_blob(store: ObjectStore, digest: str, dest: Path, progress: Progres
     if "sha256:" + hasher.hexdigest() != digest:
         dest.unlink()
         raise IntegrityError(f"blob {digest} in {store.url} is corrupt; run `loraswap registry verify`")
+
+
+def cached_adapter_dir(digest: str) -> Path:
+    """The cache folder of version ``digest`` (``sha256:<hex>``), whether it is there or not.
+
+    Raises:
+        InvalidArgumentError: ``digest`` is not ``sha256:<64 lower-case hex digits>``.
+    """
+    return paths.adapter_cache_dir() / digest_hex(digest)
 
 
 def cached_version(

@@ -1,9 +1,12 @@
-"""The host-RAM tier: adapters kept as tensors under a byte budget, least recently used first out."""
+"""The host-RAM tier: adapters kept as tensors under a byte budget, least recently used first out.
+
+Not thread-safe. In the server, :class:`~loraswap.server.adapters.manager.AdapterManager` owns the
+cache and guards every access (its pins included) with its lock.
+"""
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
+from loraswap.server.adapters.lru import LRU
 from loraswap.server.adapters.reader import HostAdapter
 
 
@@ -11,8 +14,7 @@ class HostCache:
     """LRU of :class:`HostAdapter` by digest, bounded in bytes; pinned digests are never evicted."""
 
     def __init__(self, budget_bytes: int) -> None:
-        self.budget = budget_bytes
-        self._items: OrderedDict[str, HostAdapter] = OrderedDict()
+        self._items: LRU[str, HostAdapter] = LRU(budget_bytes, weigh=_host_bytes)
         self.pinned: set[str] = set()
 
     def __contains__(self, digest: str) -> bool:
@@ -22,37 +24,38 @@ class HostCache:
         return len(self._items)
 
     @property
+    def budget(self) -> int:
+        """The byte budget that insertions evict down to."""
+        return self._items.capacity
+
+    @property
     def nbytes(self) -> int:
-        return sum(item.nbytes for item in self._items.values())
+        """Host memory held by the entries."""
+        return self._items.weight
 
     def peek(self, digest: str) -> HostAdapter | None:
         """The entry without counting it as a use (for listings and metrics scrapes)."""
-        return self._items.get(digest)
+        return self._items.peek(digest)
 
     def get(self, digest: str) -> HostAdapter | None:
-        item = self._items.get(digest)
-        if item is not None:
-            self._items.move_to_end(digest)
-        return item
+        return self._items.get(digest)
 
     def put(self, adapter: HostAdapter, keep: set[str] = frozenset()) -> list[str]:
-        """Insert ``adapter``; evict LRU entries (never pinned ones or ``keep``) to fit; return evicted."""
-        self._items[adapter.digest] = adapter
-        self._items.move_to_end(adapter.digest)
-        evicted = []
-        total = self.nbytes
-        for digest in list(self._items):
-            if total <= self.budget:
-                break
-            if digest == adapter.digest or digest in self.pinned or digest in keep:
-                continue
-            total -= self._items.pop(digest).nbytes
-            evicted.append(digest)
-        return evicted
+        """Insert ``adapter``; evict LRU entries (never pinned ones or ``keep``) to fit; return evicted.
+        When the protected entries alone exceed the budget, the cache stays over it."""
+
+        def protected(digest: str) -> bool:
+            return digest in self.pinned or digest in keep
+
+        return [digest for digest, _ in self._items.put(adapter.digest, adapter, protected)]
 
     def remove(self, digest: str) -> HostAdapter | None:
         self.pinned.discard(digest)
-        return self._items.pop(digest, None)
+        return self._items.pop(digest)
 
     def items(self) -> list[HostAdapter]:
-        return list(self._items.values())
+        return self._items.values()
+
+
+def _host_bytes(adapter: HostAdapter) -> int:
+    return adapter.nbytes

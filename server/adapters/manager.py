@@ -2,24 +2,39 @@
 
 Loads run on worker threads, so adapters needed by queued requests arrive while the current step runs;
 concurrent requests for one adapter share one load. Tags resolve to digests, trusted for a short TTL.
-Device-slot changes happen only on the engine thread (or under the engine's step lock).
+
+Who may touch what:
+
+* The manager's ``_lock`` guards all the bookkeeping: the slot table (residency, in-use counts, pins),
+  the host cache (entries and pins), the usage table, the loads in flight and the resolved references.
+  Every read and write of them, from any thread, holds it. It is held only for bookkeeping: no file or
+  registry I/O, no tensor copy and no observer call runs under it.
+* Only the engine thread, or a thread holding the engine's step lock, changes the slot table
+  (:meth:`activate`, :meth:`acquire`, :meth:`release`, :meth:`unload`, :meth:`set_pinned`), and only it
+  writes the layers' slot tensors and :attr:`ranks` (which the forward pass, on that thread, reads). It
+  decides a slot change under ``_lock`` and copies the tensors after releasing it, so load workers
+  never wait for a copy.
+* Load workers and listings read the slot table (under ``_lock``) and never change it; workers change
+  the host cache, the usage table and the loads in flight (under ``_lock``).
+* Lock order: the step lock, then ``_lock``; never the step lock while holding ``_lock``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from loraswap import paths
 from loraswap.errors import AdapterValidationError, LoraswapError, NotFoundError
+from loraswap.registry.cache import cached_adapter_dir
 from loraswap.server.adapters.host_cache import HostCache
+from loraswap.server.adapters.lru import LRU
 from loraswap.server.adapters.reader import AdapterReader, BaseShape, HostAdapter
 from loraswap.server.adapters.slots import SlotTable
 from loraswap.server.engine.api import AdapterStatus, EngineObserver, Tier
@@ -35,7 +50,16 @@ class _Usage:
     last_used: float = 0.0
 
 
-MAX_TRACKED = 10_000  # adapters remembered (listings, hit counts) besides those in the device/host tiers
+@dataclass(frozen=True)
+class _Resolution:
+    at: float  # time.monotonic() of the registry's answer
+    name: str
+    digest: str
+    fingerprint: str | None
+
+
+MAX_TRACKED = 10_000  # adapters remembered (listings, hit counts); those in a memory tier or loading stay
+MAX_RESOLVED = 10_000  # reference strings whose resolution is remembered
 
 
 class AdapterManager:
@@ -55,19 +79,16 @@ class AdapterManager:
     ) -> None:
         self._registry_factory = registry_factory
         self._registry = None
-        self.base = base
         self.layers = layers
-        self.dtype = dtype
         self.slots = SlotTable(num_slots)
-        self.ranks: dict[int, int] = {}  # slot -> rank (read by the forward pass)
+        self.ranks: dict[int, int] = {}  # slot -> rank (engine thread only: the forward pass reads it)
         self.host = HostCache(host_budget)
         self.tag_ttl_s = tag_ttl_s
         self.observer = observer
         self._lock = threading.Lock()
         self._loads: dict[str, Future[HostAdapter]] = {}
-        self._resolved: dict[str, tuple[float, str, str, str | None]] = {}
-        self._usage: OrderedDict[str, _Usage] = OrderedDict()  # least recently touched first
-        self.max_tracked = MAX_TRACKED
+        self._resolved: LRU[str, _Resolution] = LRU(MAX_RESOLVED)
+        self._usage: LRU[str, _Usage] = LRU(MAX_TRACKED)
         self.reader = AdapterReader(base, dtype)
         # On CPU, slot fills copy numpy views of the bits (host tensors are in the slot dtype already)
         self._cpu_slots = all(
@@ -81,6 +102,27 @@ class AdapterManager:
             self._registry = self._registry_factory()
         return self._registry
 
+    @property
+    def max_tracked(self) -> int:
+        """Adapters remembered for listings and hit counts; past it the least recently touched one in no
+        memory tier and not loading is forgotten (those in a tier or loading are always remembered)."""
+        return self._usage.capacity
+
+    @max_tracked.setter
+    def max_tracked(self, value: int) -> None:
+        with self._lock:
+            self._usage.capacity = value
+
+    @property
+    def max_resolved(self) -> int:
+        """Reference strings whose resolution is remembered (least recently asked for first out)."""
+        return self._resolved.capacity
+
+    @max_resolved.setter
+    def max_resolved(self, value: int) -> None:
+        with self._lock:
+            self._resolved.capacity = value
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -88,18 +130,16 @@ class AdapterManager:
 
     def resolve(self, ref: str) -> tuple[str, str, str | None]:
         """``ref`` → (name, digest, base fingerprint); tags are re-resolved after ``tag_ttl_s``."""
-        cached = self._resolved.get(ref)
-        if cached and ("@" in ref or time.monotonic() - cached[0] < self.tag_ttl_s):
-            return cached[1], cached[2], cached[3]
+        with self._lock:
+            cached = self._resolved.get(ref)
+        if cached and ("@" in ref or time.monotonic() - cached.at < self.tag_ttl_s):
+            return cached.name, cached.digest, cached.fingerprint
         manifest = self.registry.resolve(ref)
-        entry = (
-            time.monotonic(),
-            manifest.name,
-            manifest.digest,
-            getattr(manifest, "base_fingerprint", None),
-        )
-        self._resolved[ref] = entry
-        return entry[1], entry[2], entry[3]
+        fingerprint = getattr(manifest, "base_fingerprint", None)
+        with self._lock:
+            resolution = _Resolution(time.monotonic(), manifest.name, manifest.digest, fingerprint)
+            self._resolved.put(ref, resolution)
+        return manifest.name, manifest.digest, fingerprint
 
     def request(self, ref: str) -> Future[HostAdapter]:
         """A future for the host copy of ``ref``, starting (or joining) its load."""
@@ -110,35 +150,33 @@ class AdapterManager:
     def _resolve_then_load(self, ref: str, outer: Future[HostAdapter]) -> None:
         try:
             name, digest, fingerprint = self.resolve(ref)
-            inner, start = self._host_future(name, digest, fingerprint)
+            inner, start = self._host_future(name, digest)
             inner.add_done_callback(lambda f: _chain(f, outer))
-            if start:  # this worker loads it (a second hand-off to the pool cost ~0.2 ms per load)
+            if start:  # this worker loads it (handing the load to another worker would only add latency)
                 self._load(name, digest, fingerprint, inner)
         except LoraswapError as exc:
             self.observer.on_load_failure(type(exc).__name__)
             outer.set_exception(exc)
 
-    def _host_future(
-        self, name: str, digest: str, fingerprint: str | None
-    ) -> tuple[Future[HostAdapter], bool]:
+    def _host_future(self, name: str, digest: str) -> tuple[Future[HostAdapter], bool]:
         """The future for ``digest``'s host copy: done on a host hit, shared with a load in flight, or
         new; True when it is new and the caller must run :meth:`_load` for it."""
+        start = False
         with self._lock:
             self._track(name, digest)
-            hit = self.slots.slot_of(digest) is not None
-            self.observer.on_cache_lookup("device", hit)
+            on_device = digest in self.slots
             adapter = self.host.get(digest)
-            if not hit:
-                self.observer.on_cache_lookup("host", adapter is not None)
-            if adapter is not None:
-                done: Future[HostAdapter] = Future()
-                done.set_result(adapter)
-                return done, False
-            if digest in self._loads:
-                return self._loads[digest], False
-            future: Future[HostAdapter] = Future()
-            self._loads[digest] = future
-        return future, True
+            future = self._loads.get(digest) if adapter is None else None
+            if adapter is None and future is None:
+                future = self._loads[digest] = Future()
+                start = True
+        self.observer.on_cache_lookup("device", on_device)
+        if not on_device:
+            self.observer.on_cache_lookup("host", adapter is not None)
+        if adapter is not None:
+            future = Future()
+            future.set_result(adapter)
+        return future, start
 
     def _read(self, name: str, digest: str, fingerprint: str | None) -> HostAdapter:
         """Pull ``name@digest`` to the disk cache and read it. A cached copy trusted by its file stats
@@ -154,7 +192,7 @@ class AdapterManager:
     def _load(self, name: str, digest: str, fingerprint: str | None, future: Future[HostAdapter]) -> None:
         started = time.perf_counter()
         try:
-            on_disk = (paths.adapter_cache_dir() / digest.split(":")[-1]).is_dir()
+            on_disk = cached_adapter_dir(digest).is_dir()
             self.observer.on_cache_lookup("disk", on_disk)
             adapter = self._read(name, digest, fingerprint)
             with self._lock:
@@ -178,11 +216,18 @@ class AdapterManager:
 
     def activate(self, adapter: HostAdapter) -> int | None:
         """Put ``adapter`` in a device slot (copying if needed); None when every slot is busy."""
-        if not self.slots.can_place(adapter.digest):
-            return None
-        slot, evicted, copy = self.slots.place(adapter.digest)
+        host_evicted: list[str] = []
+        with self._lock:
+            if not self.slots.can_place(adapter.digest):
+                return None
+            slot, evicted, copy = self.slots.place(adapter.digest)
+            self._track(adapter.name, adapter.digest)  # it may have been forgotten while in no tier
+            if copy:  # keep the host copy warm while it is on the device
+                host_evicted = self.host.put(adapter, keep=set(self.slots.keys()))
         if evicted is not None:
             self.observer.on_eviction("device", "capacity")
+        for _ in host_evicted:
+            self.observer.on_eviction("host", "capacity")
         if copy:
             self._copy_into(slot, adapter)
         return slot
@@ -195,8 +240,51 @@ class AdapterManager:
         ]
         (fill_slot_bits if self._cpu_slots else fill_slot)(slot, parts)
         self.ranks[slot] = adapter.rank
-        with self._lock:  # keep the host copy warm while it is on the device
-            self.host.put(adapter, keep=set(self.slots.keys()))
+
+    def acquire(self, digest: str) -> None:
+        """A request starts using the resident ``digest`` (its slot is not evicted until
+        :meth:`release`); counts as a use for listings."""
+        with self._lock:
+            self.slots.acquire(digest)
+            usage = self._usage.get(digest)
+            if usage is not None:
+                usage.hits += 1
+                usage.last_used = time.time()
+
+    def release(self, digest: str) -> None:
+        """A request using ``digest`` ended."""
+        with self._lock:
+            self.slots.release(digest)
+
+    def unload(self, digest: str, keep_host: bool = False) -> bool:
+        """Drop ``digest`` from the device (if idle) and host tiers (``keep_host``: the device tier only);
+        True if anything was dropped."""
+        with self._lock:
+            slot = self.slots.remove(digest)
+            dropped = not keep_host and self.host.remove(digest) is not None
+        if slot is not None:
+            self.ranks.pop(slot, None)
+            fill_slot(slot, [(layer, None, None, 1.0) for layer in self.layers.values()])
+            self.observer.on_eviction("device", "unload")
+        if dropped:
+            self.observer.on_eviction("host", "unload")
+        return slot is not None or dropped
+
+    def set_pinned(self, digest: str, pinned: bool) -> None:
+        """Pin ``digest`` to the device and host tiers, or unpin it.
+
+        Raises:
+            OverloadedError: the pin would leave no unpinned device slot for other adapters' traffic.
+        """
+        with self._lock:
+            if pinned:
+                self.slots.pin(digest)
+                self.host.pinned.add(digest)
+            else:
+                self.slots.unpin(digest)
+                self.host.pinned.discard(digest)
+
+    # -- tracking and listings (any thread) ------------------------------------------------------
 
     def remember(self, name: str, digest: str) -> None:
         """Track ``digest`` for listings (an adapter pulled to disk without being loaded)."""
@@ -204,58 +292,46 @@ class AdapterManager:
             self._track(name, digest)
 
     def _track(self, name: str, digest: str) -> None:
-        """Remember ``digest`` (caller holds the lock); past ``max_tracked`` entries, forget the least
-        recently touched ones that are in no memory tier and not loading, so the table stays bounded."""
-        self._usage.setdefault(digest, _Usage(name))
-        self._usage.move_to_end(digest)
-        while len(self._usage) > self.max_tracked:
-            victim = next((d for d in self._usage if d != digest and not self._held(d)), None)
-            if victim is None:
-                break
-            del self._usage[victim]
+        """Remember ``digest`` as the most recently touched (caller holds the lock); past
+        :attr:`max_tracked` entries, forget the least recently touched ones that are in no memory tier
+        and not loading, so the table stays bounded."""
+        usage = self._usage.peek(digest)
+        self._usage.put(digest, usage if usage is not None else _Usage(name), protect=self._held)
 
     def _held(self, digest: str) -> bool:
-        return digest in self.slots or self.host.peek(digest) is not None or digest in self._loads
-
-    def note_use(self, digest: str) -> None:
-        usage = self._usage.get(digest)
-        if usage is not None:
-            usage.hits += 1
-            usage.last_used = time.time()
-
-    def unload(self, digest: str) -> bool:
-        """Drop ``digest`` from the device (if idle) and host tiers; True if anything was dropped."""
-        slot = self.slots.remove(digest)
-        if slot is not None:
-            self.ranks.pop(slot, None)
-            fill_slot(slot, [(layer, None, None, 1.0) for layer in self.layers.values()])
-            self.observer.on_eviction("device", "unload")
-        with self._lock:
-            dropped = self.host.remove(digest) is not None
-        if dropped:
-            self.observer.on_eviction("host", "unload")
-        return slot is not None or dropped
-
-    def set_pinned(self, digest: str, pinned: bool) -> None:
-        if pinned:
-            self.slots.pin(digest)
-            self.host.pinned.add(digest)
-        else:
-            self.slots.unpin(digest)
-            self.host.pinned.discard(digest)
+        return digest in self.slots or digest in self.host or digest in self._loads
 
     def status(self, digest: str) -> AdapterStatus:
-        usage = self._usage.get(digest)
-        if usage is None:
+        """Where ``digest`` lives now.
+
+        Raises:
+            NotFoundError: ``digest`` is not tracked (never asked for, or forgotten in no tier).
+        """
+        with self._lock:
+            status = self._memory_status(digest)
+        if status is None:
             raise NotFoundError(f"adapter {digest} is not known to this server")
+        return _with_disk_tier(status)
+
+    def statuses(self) -> list[AdapterStatus]:
+        """Every tracked adapter, least recently touched first: one consistent snapshot of the memory
+        tiers (the disk tier is looked at after it)."""
+        with self._lock:
+            tracked = self._usage.keys()
+            found = [self._memory_status(digest) for digest in tracked]
+        return [_with_disk_tier(status) for status in found]
+
+    def _memory_status(self, digest: str) -> AdapterStatus | None:
+        """``digest``'s status but for the disk tier (caller holds the lock); None when not tracked."""
+        usage = self._usage.peek(digest)
+        if usage is None:
+            return None
+        host = self.host.peek(digest)
         tiers: list[Tier] = []
         if digest in self.slots:
             tiers.append("device")
-        host = self.host.peek(digest)
         if host is not None:
             tiers.append("host")
-        if (paths.adapter_cache_dir() / digest.split(":")[-1]).is_dir():
-            tiers.append("disk")
         return AdapterStatus(
             name=usage.name,
             digest=digest,
@@ -267,8 +343,11 @@ class AdapterManager:
             last_used=usage.last_used,
         )
 
-    def statuses(self) -> list[AdapterStatus]:
-        return [self.status(digest) for digest in list(self._usage)]
+
+def _with_disk_tier(status: AdapterStatus) -> AdapterStatus:
+    if not cached_adapter_dir(status.digest).is_dir():
+        return status
+    return dataclasses.replace(status, tiers=(*status.tiers, "disk"))
 
 
 def _chain(source: Future, target: Future) -> None:

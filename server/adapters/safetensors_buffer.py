@@ -2,14 +2,15 @@
 
 The cold path of an adapter (local disk → host RAM) is then one read, no per-tensor copies, and one
 NaN/Inf pass over the whole data section when every tensor shares a dtype. The header is checked
-(dtypes, shapes, offsets inside the data section, in order, without overlap) before any view is made;
-anything else raises :class:`SafetensorsError` with the reason.
+before any view is made, by the rules of the ``safetensors`` library itself: known dtypes, byte sizes
+that match the shapes, and, sorted by offset, the tensors tile the data section exactly (the first
+begins at 0, each begins where the previous one ends, the last ends at the end of the data: no gap,
+no overlap, no trailing bytes). Anything else raises :class:`SafetensorsError` with the reason.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import math
 import mmap
@@ -70,7 +71,8 @@ class TensorFile:
         metadata: The header's ``__metadata__`` (strings).
         header: The header's JSON bytes (equal bytes and data size mean an equal layout).
         entries: Name → where the tensor lies in ``data``.
-        views_only: Every tensor is a view of ``data`` (no offset was unaligned for its dtype).
+        views_only: Every tensor that holds data is a view of ``data`` (no offset was unaligned for its
+            dtype); empty tensors are fresh ones.
     """
 
     buffer: torch.Tensor
@@ -83,8 +85,8 @@ class TensorFile:
 
     def bits(self, key: str) -> np.ndarray:
         """A numpy view of tensor ``key``'s bytes in ``data`` as integers of its element size (numpy
-        has no bfloat16), made without going through torch (about 0.3 us against 2 us). The tensor's
-        own bits when :attr:`views_only`."""
+        has no bfloat16), made without going through torch (cheaper than a torch view, then numpy).
+        The tensor's own bits when :attr:`views_only`."""
         entry = self.entries[key]
         size = entry.dtype.itemsize
         return np.ndarray(entry.shape, _INT_OF_SIZE[size], self._data_array, entry.begin)
@@ -100,14 +102,10 @@ class TensorFile:
 
     def all_finite(self) -> bool:
         """Whether no floating tensor holds NaN or Inf (one pass over the data when dtypes agree)."""
-        dtype = self.uniform_dtype()
-        if dtype is not None and dtype.is_floating_point and self._data_is_packed(dtype):
+        dtype = self.uniform_dtype()  # the tensors tile the data section (checked): one view covers them
+        if dtype is not None and dtype.is_floating_point and self.data.storage_offset() % dtype.itemsize == 0:
             return _finite(self.data.view(dtype))
         return all(_finite(t) for t in self.tensors.values() if t.dtype.is_floating_point)
-
-    def _data_is_packed(self, dtype: torch.dtype) -> bool:
-        used = sum(t.numel() for t in self.tensors.values()) * dtype.itemsize
-        return used == self.data.numel() and self.data.data_ptr() % dtype.itemsize == 0
 
 
 _INT_OF_SIZE = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
@@ -132,7 +130,7 @@ def read_tensor_file(path: Path, mapped: bool = False) -> TensorFile:
     """Read ``path`` whole and return views of its tensors.
 
     The header's layout is parsed and checked once per distinct header (adapters trained with one
-    config share it byte for byte), so a file of 420 tensors costs one read and the views.
+    config share it byte for byte), so reading a file costs one read and the views.
 
     Args:
         path: The file.
@@ -157,13 +155,12 @@ def read_tensor_file(path: Path, mapped: bool = False) -> TensorFile:
 
 
 def _mapped_buffer(path: Path, size: int) -> torch.Tensor:
-    """The file mapped private: its pages are the page cache's, mapped on first read (about 0.3 ms
-    for a 9.8 MB adapter here, against 3.5 ms to get fresh memory and 1.2 ms more to read into it).
-    Writable, so a write only copies that page and never reaches the file. ``torch.from_file`` keeps
-    no file descriptor open (Python's ``mmap`` keeps one per mapping: a host tier of thousands of
-    adapters would run out). The mapping lives as long as any view; a file replaced by rename (as
-    the registry's disk cache does) leaves it intact. A file system that cannot map files (some
-    network and FUSE mounts) gets a plain read instead."""
+    """The file mapped private: its pages are the page cache's, mapped on first read (cheaper than
+    getting fresh memory and reading into it). Writable, so a write only copies that page and never
+    reaches the file. ``torch.from_file`` keeps no file descriptor open (Python's ``mmap`` keeps one
+    per mapping: a host tier of thousands of adapters would run out). The mapping lives as long as any
+    view; a file replaced by rename (as the registry's disk cache does) leaves it intact. A file
+    system that cannot map files (some network and FUSE mounts) gets a plain read instead."""
     try:
         return torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
     except RuntimeError:
@@ -182,10 +179,10 @@ def _read_buffer(path: Path, size: int) -> torch.Tensor:
 def _fresh_buffer(size: int) -> torch.Tensor:
     """``size`` bytes of memory whose pages are already mapped.
 
-    Letting the ``read`` syscall fault fresh pages in from the kernel took 25-30 ms for a 9.8 MB
-    adapter on the virtualised development host, touching them first from user space about 5 ms, and
-    an anonymous ``mmap`` with ``MAP_POPULATE`` (one kernel pass, no faults) about 3.5 ms. The tensor
-    keeps the mapping alive; it is unmapped when the last view is gone.
+    Letting the ``read`` syscall fault fresh pages in from the kernel one by one is the slowest way;
+    touching them first from user space is faster, and an anonymous ``mmap`` with ``MAP_POPULATE``
+    (one kernel pass, no faults) faster still. The tensor keeps the mapping alive; it is unmapped when
+    the last view is gone.
     """
     populate = getattr(mmap, "MAP_POPULATE", 0)
     if populate and size >= mmap.PAGESIZE:
@@ -211,8 +208,8 @@ Layout = tuple[tuple[Entry, ...], tuple[tuple[str, str], ...]]  # entries by off
 @functools.lru_cache(maxsize=64)
 def _layout(header: bytes, data_size: int) -> Layout:
     """The checked entries (sorted by offset) and metadata of a header, for a data section of
-    ``data_size`` bytes. Cached: the result depends on nothing else (errors name no file; the caller
-    adds it)."""
+    ``data_size`` bytes. Cached (``lru_cache`` is thread-safe, and load workers read concurrently): the
+    result depends on nothing else (errors name no file; the caller adds it; refusals are not cached)."""
     try:
         doc = json.loads(header)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -223,9 +220,16 @@ def _layout(header: bytes, data_size: int) -> Layout:
     if not isinstance(metadata, dict):
         raise SafetensorsError("__metadata__ is not a JSON object")
     entries = sorted((_entry(key, info, data_size) for key, info in doc.items()), key=_span)
-    for first, second in itertools.pairwise(entries):
-        if second.begin < first.end:
-            raise SafetensorsError(f"tensors {first.key!r} and {second.key!r} overlap")
+    end, previous = 0, None
+    for entry in entries:  # as safetensors: each tensor begins where the previous one ends, the first at 0
+        if entry.begin < end:
+            raise SafetensorsError(f"tensors {previous.key!r} and {entry.key!r} overlap")
+        if entry.begin > end:
+            after = f"after {previous.key!r} ends at {end}" if previous else "the data section begins at 0"
+            raise SafetensorsError(f"tensor {entry.key!r} begins at {entry.begin}: a gap ({after})")
+        end, previous = entry.end, entry
+    if end != data_size:
+        raise SafetensorsError(f"the tensors end at byte {end} of a data section of {data_size} bytes")
     return tuple(entries), tuple(sorted(metadata.items()))
 
 
@@ -253,7 +257,9 @@ def _views(entries: tuple[Entry, ...], data: torch.Tensor) -> tuple[dict[str, to
     views_only = True
     for entry in entries:
         dtype, shape, size = entry.dtype, entry.shape, entry.dtype.itemsize
-        if aligned and entry.begin % size == 0:
+        if entry.begin == entry.end:  # no bytes to view (and the data section may have none at all)
+            views[entry.key] = torch.empty(shape, dtype=dtype)
+        elif aligned and entry.begin % size == 0:
             if dtype not in typed:
                 typed[dtype] = data[: data.numel() // size * size].view(dtype)
             base = typed[dtype]

@@ -1,12 +1,18 @@
 """Which adapter sits in which device slot: LRU with pins and in-use counts.
 
-A slot holding an adapter used by a running request, or pinned, is never evicted. Pure bookkeeping
-(no tensors), so the state machine can be tested step by step.
+A slot holding an adapter used by a running request, or pinned, is never evicted, and at least one
+slot always stays unpinned so that traffic for other adapters can run. Pure bookkeeping (no tensors),
+so the state machine can be tested step by step.
+
+Not thread-safe. In the server, :class:`~loraswap.server.adapters.manager.AdapterManager` owns the
+table and guards every access with its lock; only the engine thread (or a holder of the engine's step
+lock) changes it, load workers and listings only read it.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from loraswap.errors import OverloadedError
+from loraswap.server.adapters.lru import LRU
 
 
 class SlotTable:
@@ -14,7 +20,7 @@ class SlotTable:
 
     def __init__(self, num_slots: int) -> None:
         self.num_slots = num_slots
-        self._slot_of: OrderedDict[str, int] = OrderedDict()  # LRU order: oldest first
+        self._slot_of: LRU[str, int] = LRU()  # its size is bounded by the free list
         self._free = list(range(num_slots - 1, -1, -1))
         self._in_use: dict[str, int] = {}
         self._pinned: set[str] = set()
@@ -23,10 +29,10 @@ class SlotTable:
         return key in self._slot_of
 
     def slot_of(self, key: str) -> int | None:
-        return self._slot_of.get(key)
+        return self._slot_of.peek(key)
 
     def keys(self) -> list[str]:
-        return list(self._slot_of)
+        return self._slot_of.keys()
 
     def can_place(self, key: str) -> bool:
         """Whether ``key`` is resident or could be made resident now."""
@@ -38,9 +44,9 @@ class SlotTable:
         Raises:
             RuntimeError: when no slot is free or evictable (check :meth:`can_place` first).
         """
-        if key in self._slot_of:
-            self._slot_of.move_to_end(key)
-            return self._slot_of[key], None, False
+        slot = self._slot_of.get(key)
+        if slot is not None:
+            return slot, None, False
         evicted = None
         if not self._free:
             evicted = self._victim()
@@ -48,13 +54,17 @@ class SlotTable:
                 raise RuntimeError("every adapter slot is pinned or in use")
             self._free.append(self._slot_of.pop(evicted))
         slot = self._free.pop()
-        self._slot_of[key] = slot
+        self._slot_of.put(key, slot)
         return slot, evicted, True
 
     def acquire(self, key: str) -> None:
-        """A request starts using the resident ``key``."""
+        """A request starts using the resident ``key``.
+
+        Raises:
+            KeyError: ``key`` is not resident.
+        """
+        self._slot_of.touch(key)
         self._in_use[key] = self._in_use.get(key, 0) + 1
-        self._slot_of.move_to_end(key)
 
     def release(self, key: str) -> None:
         count = self._in_use.get(key, 0) - 1
@@ -67,6 +77,18 @@ class SlotTable:
         return key in self._in_use
 
     def pin(self, key: str) -> None:
+        """Keep ``key`` resident until unpinned.
+
+        Raises:
+            OverloadedError: pinning ``key`` would leave no unpinned slot for other adapters' traffic.
+        """
+        if key in self._pinned:
+            return
+        if len(self._pinned) + 1 >= self.num_slots:
+            raise OverloadedError(
+                f"cannot pin {key}: {len(self._pinned)} of the {self.num_slots} adapter slots are pinned"
+                f" and at most {self.num_slots - 1} may be, so that traffic for other adapters has a slot"
+            )
         self._pinned.add(key)
 
     def unpin(self, key: str) -> None:
@@ -76,7 +98,7 @@ class SlotTable:
         return key in self._pinned
 
     def remove(self, key: str) -> int | None:
-        """Drop an idle, unpinned ``key``; return its freed slot (None when not resident or busy)."""
+        """Drop an idle ``key`` (unpinning it); return its freed slot (None when not resident or busy)."""
         if key not in self._slot_of or key in self._in_use:
             return None
         self._pinned.discard(key)
@@ -84,8 +106,8 @@ class SlotTable:
         self._free.append(slot)
         return slot
 
+    def _protected(self, key: str) -> bool:
+        return key in self._in_use or key in self._pinned
+
     def _victim(self) -> str | None:
-        for key in self._slot_of:  # oldest first
-            if key not in self._in_use and key not in self._pinned:
-                return key
-        return None
+        return self._slot_of.oldest(self._protected)

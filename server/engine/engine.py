@@ -32,8 +32,7 @@ from loraswap.errors import (
 )
 from loraswap.models import base_fingerprint, resolve_base
 from loraswap.server.adapters.manager import AdapterManager
-from loraswap.server.adapters.reader import BaseShape
-from loraswap.server.engine import EngineConfig
+from loraswap.server.adapters.reader import BaseShape, HostAdapter
 from loraswap.server.engine.api import (
     AdapterStatus,
     EngineInfo,
@@ -47,6 +46,7 @@ from loraswap.server.engine.api import (
     now,
 )
 from loraswap.server.engine.base_loader import default_quantization, load_base
+from loraswap.server.engine.config import EngineConfig
 from loraswap.server.engine.detok import TextStream
 from loraswap.server.engine.forward import PackedForward
 from loraswap.server.engine.kv_cache import KVCache
@@ -313,8 +313,7 @@ class Engine:
                 slot = self.adapters.activate(adapter)
                 if slot is None:
                     break  # FIFO: wait for a slot rather than let later requests starve this one
-                self.adapters.slots.acquire(adapter.digest)
-                self.adapters.note_use(adapter.digest)
+                self.adapters.acquire(adapter.digest)
                 state.slot, state.digest = slot, adapter.digest
             state.row = self.kv.allocate()
             state.admitted = now()
@@ -372,7 +371,7 @@ class Engine:
             self.kv.release(state.row)
             state.row = -1
         if state.slot >= 0:
-            self.adapters.slots.release(state.digest)
+            self.adapters.release(state.digest)
             state.slot = -1
 
     # -- admin --------------------------------------------------------------------------------
@@ -389,9 +388,13 @@ class Engine:
         adapter = self.adapters.request(ref).result(timeout=timeout)
         if tier == "device":
             with self.step_lock:
-                if self.adapters.activate(adapter) is None:
-                    raise OverloadedError("every adapter slot is pinned or in use")
+                self._activate(adapter)
         return self.adapters.status(adapter.digest)
+
+    def _activate(self, adapter: HostAdapter) -> None:
+        """Put ``adapter`` in a device slot now (the caller holds the step lock)."""
+        if self.adapters.activate(adapter) is None:
+            raise OverloadedError("every adapter slot is pinned or in use")
 
     def unload_adapter(self, ref: str) -> None:
         """Drop ``ref`` from the device and host tiers (a slot in use is freed when its requests end)."""
@@ -401,10 +404,11 @@ class Engine:
 
     def pin(self, ref: str) -> AdapterStatus:
         """Load ``ref`` onto the device and keep it there."""
-        status = self.load_adapter(ref, "device")
-        with self.step_lock:
-            self.adapters.set_pinned(status.digest, True)
-        return self.adapters.status(status.digest)
+        adapter = self.adapters.request(ref).result(timeout=120.0)
+        with self.step_lock:  # one hold: no step can evict it between the activation and the pin
+            self._activate(adapter)
+            self.adapters.set_pinned(adapter.digest, True)
+        return self.adapters.status(adapter.digest)
 
     def unpin(self, ref: str) -> AdapterStatus:
         _, digest, _ = self.adapters.resolve(ref)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import SafetensorError as SafetensorsSafeError
 from safetensors.torch import load_file, save_file
 
 from loraswap.server.adapters.safetensors_buffer import (
@@ -90,6 +91,62 @@ def test_unaligned_offsets_are_copied_not_refused(tmp_path: Path) -> None:
 def test_malformed_headers_are_refused_with_the_reason(tmp_path: Path, header, data, message) -> None:
     with pytest.raises(SafetensorsError, match=message):
         read_tensor_file(_write_raw(tmp_path / "bad.safetensors", header, data))
+
+
+def _f32(begin: int, count: int) -> dict:
+    return {"dtype": "F32", "shape": [count], "data_offsets": [begin, begin + 4 * count]}
+
+
+REFUSED_LAYOUTS = {  # layouts safetensors itself refuses ("invalid offset", "not fully covered")
+    "gap between tensors": ({"x": _f32(0, 1), "y": _f32(8, 1)}, 12, "'y' begins at 8: a gap"),
+    "first not at 0": ({"x": _f32(4, 1)}, 8, "'x' begins at 4: a gap"),
+    "trailing bytes": ({"x": _f32(0, 1)}, 8, "end at byte 4 of a data section of 8 bytes"),
+    "no tensors, some data": ({}, 4, "end at byte 0 of a data section of 4 bytes"),
+    "overlap": ({"x": _f32(0, 2), "y": _f32(4, 1)}, 8, "overlap"),
+    "empty tensor in a gap": (
+        {"x": _f32(0, 1), "z": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]}},
+        8,
+        "'z' begins at 8: a gap",
+    ),
+}
+ACCEPTED_LAYOUTS = {
+    "keys out of offset order": ({"y": _f32(4, 1), "x": _f32(0, 1)}, 8),
+    "empty tensors between and at the end": (
+        {
+            "x": _f32(0, 1),
+            "z": {"dtype": "F32", "shape": [0, 3], "data_offsets": [4, 4]},
+            "y": _f32(4, 1),
+            "w": {"dtype": "BF16", "shape": [2, 0], "data_offsets": [8, 8]},
+        },
+        8,
+    ),
+    "only empty tensors": ({"a": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}, 0),
+    "no tensors": ({"__metadata__": {"format": "pt"}}, 0),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_LAYOUTS)
+def test_layouts_safetensors_refuses_are_refused(tmp_path: Path, case: str) -> None:
+    header, size, message = REFUSED_LAYOUTS[case]
+    path = _write_raw(tmp_path / "bad.safetensors", header, bytes(size))
+    with pytest.raises(SafetensorsSafeError):
+        load_file(str(path))
+    for mapped in (False, True):
+        with pytest.raises(SafetensorsError, match=message):
+            read_tensor_file(path, mapped=mapped)
+
+
+@pytest.mark.parametrize("case", ACCEPTED_LAYOUTS)
+def test_layouts_safetensors_accepts_are_read_the_same(tmp_path: Path, case: str) -> None:
+    header, size = ACCEPTED_LAYOUTS[case]
+    data = torch.arange(size // 4, dtype=torch.float32).numpy().tobytes()
+    path = _write_raw(tmp_path / "ok.safetensors", header, data)
+    expected = load_file(str(path))
+    loaded = read_tensor_file(path, mapped=True)
+    assert loaded.tensors.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert loaded.tensors[key].dtype == tensor.dtype and torch.equal(loaded.tensors[key], tensor)
+    assert loaded.all_finite()
 
 
 def test_truncated_and_non_json_files_are_refused(tmp_path: Path) -> None:

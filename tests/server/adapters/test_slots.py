@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loraswap.errors import OverloadedError
 from loraswap.server.adapters.host_cache import HostCache
 from loraswap.server.adapters.reader import HostAdapter
 from loraswap.server.adapters.slots import SlotTable
@@ -42,6 +43,24 @@ def test_acquire_counts_and_remove() -> None:
     table.release("a")
     assert table.remove("a") == 0
     assert "a" not in table and table.can_place("b")
+
+
+def test_a_pin_that_would_leave_traffic_no_slot_is_refused() -> None:
+    table = SlotTable(3)
+    for key in "abc":
+        table.place(key)
+    table.pin("a")
+    table.pin("b")
+    with pytest.raises(OverloadedError, match="cannot pin c: 2 of the 3 adapter slots are pinned"):
+        table.pin("c")
+    assert not table.is_pinned("c")
+    table.pin("b")  # pinning a pinned key again is no new pin
+    assert table.place("d") == (2, "c", True)  # the unpinned slot still serves traffic
+    table.unpin("a")
+    table.pin("d")
+    assert [table.is_pinned(k) for k in "abd"] == [False, True, True]
+    with pytest.raises(OverloadedError, match="at most 0 may be"):
+        SlotTable(1).pin("a")
 
 
 def _adapter(digest: str, numel: int) -> HostAdapter:
