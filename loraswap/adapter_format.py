@@ -46,6 +46,13 @@ def lora_key(module: str, ab: str) -> str:
     return f"{_KEY_PREFIX}{module}.lora_{ab}.weight"
 
 
+def matches_target(module: str, target: str) -> bool:
+    """PEFT's rule for one entry of a list ``target_modules``: ``module`` (a dotted module path) is the
+    entry or ends with ``.<entry>``. PEFT's other form, a single string full-matched as a regex, is refused
+    by :func:`parse_adapter_config`, so every config loraswap accepts is matched by this rule."""
+    return module == target or module.endswith("." + target)
+
+
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's rank/alpha pattern lookup: a key matches a module path ending in it."""
     for key, value in patterns.items():
@@ -77,6 +84,10 @@ class LoraAdapterConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     base_model_name_or_path: str | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+
+    def targets(self, module: str) -> bool:
+        """Whether the adapter targets ``module`` (a dotted module path), by :func:`matches_target`."""
+        return any(matches_target(module, target) for target in self.target_modules)
 
     def rank_of(self, module: str) -> int:
         return int(_pattern_value(self.rank_pattern, module, self.r))

@@ -1,4 +1,8 @@
-"""Where loraswap keeps its local state (model cache, pulled adapters, local registry)."""
+"""Where loraswap keeps its local state (model cache, pulled adapters, local registry).
+
+These are lookups only: nothing here creates a folder. The code that writes into one creates it
+(the model conversion, the adapter cache, the local registry store).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,7 @@ from pathlib import Path
 def home() -> Path:
     """Root of loraswap's local state: ``$LORASWAP_HOME`` or ``~/.cache/loraswap``."""
     env = os.environ.get("LORASWAP_HOME")
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "loraswap"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "loraswap"
 
 
 def models_dir() -> Path:

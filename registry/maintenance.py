@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 
 from loraswap.errors import IntegrityError, NotFoundError
-from loraswap.registry.cache import CHUNK
 from loraswap.registry.layout import ADAPTERS, BLOBS, blob_key, manifest_key, split_adapter_key, tag_target
 from loraswap.registry.manifest import Manifest
 from loraswap.registry.store import ObjectStore
@@ -81,22 +80,21 @@ def collect_garbage(store: ObjectStore, grace_seconds: float = DEFAULT_GC_GRACE_
 
 
 def _blob_problems(store: ObjectStore) -> tuple[dict[str, int], list[str]]:
-    """Re-hash every blob; return (digest → size of the good ones, problems)."""
+    """Re-hash every blob; return (digest → size of the good ones, problems).
+
+    A good blob's size is the size the store lists: its content hashed to its name, so it is the content
+    the manifests' sizes describe.
+    """
     sizes: dict[str, int] = {}
     problems = []
     for info in store.list(BLOBS):
         expected = "sha256:" + info.key.rsplit("/", 1)[-1]
-        hasher = hashlib.sha256()
-        size = 0
         with contextlib.closing(store.open(info.key)) as stream:
-            while chunk := stream.read(CHUNK):
-                hasher.update(chunk)
-                size += len(chunk)
-        actual = "sha256:" + hasher.hexdigest()
+            actual = "sha256:" + hashlib.file_digest(stream, "sha256").hexdigest()
         if actual != expected:
             problems.append(f"blob {expected} is corrupt: its content hashes to {actual}")
         else:
-            sizes[expected] = size
+            sizes[expected] = info.size
     return sizes, problems
 
 

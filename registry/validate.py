@@ -23,6 +23,7 @@ from loraswap.adapter_format import (
     SUPPORTED_TARGETS,
     TRAINING_METADATA,
     LoraAdapterConfig,
+    matches_target,
     parse_lora_key,
     read_adapter_config,
 )
@@ -116,11 +117,6 @@ def _read_training(folder: Path) -> tuple[dict[str, Any] | None, list[str]]:
     return doc, []
 
 
-def _targets(config: LoraAdapterConfig, module: str) -> bool:
-    """PEFT's matching: ``module`` is a target if it equals or ends with ``.<target>``."""
-    return any(module == t or module.endswith("." + t) for t in config.target_modules)
-
-
 def _pairs(shapes: dict[str, list[int]]) -> tuple[dict[str, dict[str, list[int]]], list[str]]:
     """Group LoRA tensors by module: ``{module: {"A": shape, "B": shape}}``, plus stray-key problems."""
     pairs: dict[str, dict[str, list[int]]] = {}
@@ -148,7 +144,7 @@ def lora_shape_problems(config: LoraAdapterConfig, tensor_shapes: dict[str, list
     if not pairs and not stray:
         problems.append(f"{ADAPTER_WEIGHTS} holds no LoRA tensors")
     for module, pair in sorted(pairs.items()):
-        if not _targets(config, module):
+        if not config.targets(module):
             problems.append(f"{module}: module {module.rsplit('.', 1)[-1]!r} is not in target_modules")
         missing = [ab for ab in ("A", "B") if ab not in pair]
         if missing:
@@ -179,7 +175,7 @@ def base_compat_problems(
     problems = []
     base_modules = {name.removesuffix(".weight") for name in base_shapes if name.endswith(".weight")}
     for target in config.target_modules:
-        if not any(m == target or m.endswith("." + target) for m in base_modules):
+        if not any(matches_target(m, target) for m in base_modules):
             problems.append(f"target module {target!r} does not exist in the base model")
     pairs, _ = _pairs(tensor_shapes)
     for module, pair in sorted(pairs.items()):

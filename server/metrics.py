@@ -3,12 +3,14 @@
 :class:`Metrics` owns a dedicated ``CollectorRegistry`` (never the global one), is the engine's
 :class:`~loraswap.server.engine.api.EngineObserver`, records per-call outcomes from the gRPC interceptor and
 per-request figures from the servicer, and computes cache residency, queue depth and memory at scrape
-time from the engine. Adapter labels are bounded: names outside ``tracked_adapters`` count as ``other``.
+time from the engine. Labels are bounded: adapter names outside ``tracked_adapters``, and RPC methods the
+server did not register (:meth:`Metrics.track_methods`), count as ``other``.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +49,11 @@ class Metrics:
         self.requests = Counter(
             "loraswap_requests", "Finished RPCs by method and status code", ["method", "code"], registry=r
         )
+        self.rpc_duration = Histogram(
+            "loraswap_rpc_duration_seconds", "RPC time in the server's handler, by method", ["method"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.rpc_methods: frozenset[str] = frozenset()
         self.prompt_tokens = Counter(
             "loraswap_prompt_tokens", "Prompt tokens processed", ["adapter"], registry=r
         )
@@ -116,6 +123,13 @@ class Metrics:
             return BASE_LABEL
         return name if name in self.tracked_adapters else OTHER_LABEL
 
+    def track_methods(self, methods: Iterable[str]) -> None:
+        """Give these RPC methods (``/package.Service/Method``) their own ``method`` label."""
+        self.rpc_methods |= frozenset(methods)
+
+    def method_label(self, method: str) -> str:
+        return method if method in self.rpc_methods else OTHER_LABEL
+
     # --- wiring ---
 
     def attach_engine(self, engine: Any) -> None:
@@ -149,7 +163,9 @@ class Metrics:
     # --- from the gRPC layer ---
 
     def on_call(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
-        self.requests.labels(method=method, code=code.name).inc()
+        label = self.method_label(method)
+        self.requests.labels(method=label, code=code.name).inc()
+        self.rpc_duration.labels(method=label).observe(seconds)
 
     def on_result(self, adapter: str, result: GenerationResult) -> None:
         label = self.adapter_label(adapter)
@@ -197,6 +213,7 @@ class EngineCollector(Collector):
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
+        self.nvml = NvmlUtilization()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         adapters = GaugeMetricFamily(
@@ -214,11 +231,11 @@ class EngineCollector(Collector):
         pinned.add_metric([], sum(s.pinned for s in statuses))
         queue = GaugeMetricFamily("loraswap_queue_depth", "Requests waiting for admission")
         queue.add_metric([], self.engine.queue_depth())
-        yield from (adapters, size, pinned, queue, *memory_metrics(self.engine.info().device))
+        yield from (adapters, size, pinned, queue, *memory_metrics(self.engine.info().device, self.nvml))
 
 
-def memory_metrics(device: str) -> list[GaugeMetricFamily]:
-    """Host RSS always; device memory on CUDA (via :mod:`loraswap.device`); utilization with NVML."""
+def memory_metrics(device: str, nvml: NvmlUtilization) -> list[GaugeMetricFamily]:
+    """Host RSS always; device memory on CUDA (via :mod:`loraswap.device`); utilization from ``nvml``."""
     from loraswap import device as dev
 
     rss = GaugeMetricFamily("loraswap_host_memory_rss_bytes", "Resident set size of the server process")
@@ -238,7 +255,7 @@ def memory_metrics(device: str) -> list[GaugeMetricFamily]:
             used.add_metric([device], used_total[0])
             total.add_metric([device], used_total[1])
             out += [used, total]
-        if (util := _nvml_utilization(torch.device(device).index or 0)) is not None:
+        if (util := nvml.read(torch.device(device).index or 0)) is not None:
             gauge = GaugeMetricFamily(
                 "loraswap_device_utilization_ratio", "GPU busy ratio (NVML)", labels=["device"]
             )
@@ -247,13 +264,46 @@ def memory_metrics(device: str) -> list[GaugeMetricFamily]:
     return out
 
 
-def _nvml_utilization(index: int) -> float | None:
+class NvmlUtilization:
+    """GPU busy ratio from NVML (``pynvml``, from the ``nvidia-ml-py`` package).
+
+    NVML is initialised once, on the first :meth:`read`; when that fails (``pynvml`` not installed, no
+    driver, no permission) the failure is logged once and remembered, and every read returns None.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pynvml: Any = None
+        self._tried = False
+
+    def _library(self) -> Any:
+        """The initialised ``pynvml`` module, or None; initialises on the first call only."""
+        with self._lock:
+            if not self._tried:
+                self._tried = True
+                self._pynvml = _init_nvml()
+            return self._pynvml
+
+    def read(self, index: int) -> float | None:
+        """Busy ratio in [0, 1] of the GPU at NVML ``index``; None without NVML or when the query fails."""
+        pynvml = self._library()
+        if pynvml is None:
+            return None
+        try:
+            return pynvml.nvmlDeviceGetUtilizationRates(pynvml.nvmlDeviceGetHandleByIndex(index)).gpu / 100.0
+        except pynvml.NVMLError:  # e.g. a device that does not report utilization: no sample this scrape
+            return None
+
+
+def _init_nvml() -> Any:
     try:
-        import pynvml  # optional
+        import pynvml
     except ImportError:
+        log.warning("no GPU utilization metric: pynvml is not installed (package nvidia-ml-py)")
         return None
     try:
         pynvml.nvmlInit()
-        return pynvml.nvmlDeviceGetUtilizationRates(pynvml.nvmlDeviceGetHandleByIndex(index)).gpu / 100.0
-    except pynvml.NVMLError:  # no driver or no permission: no utilization metric
+    except pynvml.NVMLError as exc:
+        log.warning("no GPU utilization metric: NVML did not initialise (%s)", exc)
         return None
+    return pynvml

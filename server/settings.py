@@ -3,7 +3,7 @@
 Every field of :class:`ServeSettings` and of the embedded :class:`EngineConfig` is one flag
 (``--max-new-tokens``), one environment variable (``LORASWAP_MAX_NEW_TOKENS``) and one YAML key
 (serve fields at the top level, engine fields at the top level or under ``engine:``). The help text of
-each flag is the field's entry in the class docstring.
+each flag is the field's entry in the class docstring (:func:`loraswap.docfields.field_docs`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import types
 import typing
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loraswap.docfields import field_docs, help_text
 from loraswap.errors import InvalidArgumentError
 from loraswap.server.engine import EngineConfig
 
@@ -56,7 +56,7 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9090
+    metrics_port: int = 9400
     metrics_adapters: tuple[str, ...] = ()
     max_message_bytes: int = 4 << 20
     max_concurrent_rpcs: int = 256
@@ -93,19 +93,6 @@ class ServeSettings:
 
     def _tls_files(self) -> list[tuple[str, str]]:
         return [(n, getattr(self, n)) for n in ("tls_cert", "tls_key", "tls_client_ca") if getattr(self, n)]
-
-    @property
-    def auth_enabled(self) -> bool:
-        return bool(self.inference_tokens or self.admin_tokens)
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Field name → its text in the Google-style ``Attributes:`` section of ``cls.__doc__``."""
-    docs: dict[str, str] = {}
-    section = (cls.__doc__ or "").split("Attributes:", 1)[-1]
-    for name, text in re.findall(r"^\s{8}(\w+): (.*?)(?=^\s{8}\w+: |\Z)", section, re.MULTILINE | re.DOTALL):
-        docs[name] = " ".join(text.split())
-    return docs
 
 
 def _fields(cls: type) -> dict[str, Any]:
@@ -216,8 +203,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         docs = field_docs(cls)
         defaults = {f.name: _default(f) for f in dataclasses.fields(cls)}
         for name in fields:
-            help_text = f"{docs.get(name, '')} [default: {defaults[name]!r}]".replace("%", "%%")
-            group.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text)
+            text = help_text(f"{docs.get(name, '')} [default: {defaults[name]!r}]")
+            group.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=text)
 
 
 def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:

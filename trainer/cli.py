@@ -1,11 +1,12 @@
-"""``loraswap train``: one flag per TrainConfig field (help from the field's docstring), or a YAML recipe."""
+"""``loraswap train``: one flag per TrainConfig field (help from its docstring entry), or a YAML recipe."""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import fields
 
-from loraswap.trainer.config import DATA_FORMATS, DTYPES, OVERLONG_RULES, TrainConfig, field_docs
+from loraswap.docfields import field_docs, help_text
+from loraswap.trainer.config import DATA_FORMATS, DTYPES, OVERLONG_RULES, TrainConfig
 
 # Flags whose name is not the field name with '-' for '_'.
 FLAG_NAMES = {"eval_data": "--eval"}
@@ -48,10 +49,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_config_flags(group: argparse._ArgumentGroup) -> None:
-    docs = field_docs()
+    docs = field_docs(TrainConfig)
     for item in fields(TrainConfig):
         flag = FLAG_NAMES.get(item.name, "--" + item.name.replace("_", "-"))
-        kwargs: dict = {"dest": item.name, "default": argparse.SUPPRESS, "help": docs.get(item.name, "")}
+        help_entry = help_text(docs.get(item.name, ""))
+        kwargs: dict = {"dest": item.name, "default": argparse.SUPPRESS, "help": help_entry}
         if isinstance(item.default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:

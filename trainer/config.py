@@ -6,12 +6,7 @@ their other spellings are accepted as aliases (see ``ALIASES``). Unknown keys ar
 
 from __future__ import annotations
 
-import ast
 import difflib
-import functools
-import inspect
-import itertools
-import textwrap
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -43,71 +38,77 @@ ALIASES = {
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One LoRA / QLoRA training run."""
+    """One LoRA / QLoRA training run.
+
+    Attributes:
+        base: Base model: 'default' (the embedded SmolLM2-135M-Instruct) or a local HF model folder.
+        data: Training data: a JSONL file (prompt/completion, chat 'messages' or plain 'text' lines).
+        eval_data: Evaluation data (same formats); without it, 'eval_fraction' of the training data is
+            held out.
+        output: Output folder: the PEFT adapter, training_metadata.json and checkpoints/step-N.
+        format: Data format: auto (detected per file from the first record's keys), prompt_completion,
+            chat, text.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with use_rslora).
+        lora_dropout: Dropout on the LoRA input.
+        lora_target_modules: Linear layers to adapt (comma-separated on the command line).
+        use_rslora: Rank-stabilised LoRA scaling (alpha/sqrt(r)).
+        qlora: QLoRA: 4-bit NF4 base (double quant, bf16 compute) and paged 8-bit AdamW; needs CUDA.
+        dtype: Base weights dtype for plain LoRA: auto (as stored in the base folder), bfloat16, float16,
+            float32.
+        gradient_checkpointing: Recompute activations in the backward pass instead of keeping them (less
+            memory, more compute).
+        learning_rate: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Optimizer steps of linear warm-up from 0 to learning_rate; then linear decay to 0.
+        max_grad_norm: Gradient clipping norm (0 disables clipping).
+        num_epochs: Passes over the training data (ignored when max_steps is set).
+        max_steps: Optimizer steps to run; 0 means derive from num_epochs.
+        micro_batch_size: Examples per forward/backward pass.
+        gradient_accumulation_steps: Micro-batches per optimizer step.
+        max_seq_len: Longest sequence in tokens; see 'overlong' for longer examples.
+        overlong: Examples over max_seq_len: 'truncate' keeps the first max_seq_len tokens (dropping the
+            example if no supervised token is left), 'drop' skips the example.
+        eval_fraction: Fraction of the training data held out for evaluation when no eval_data is given.
+        eval_steps: Evaluate every N optimizer steps (0: only before and after training).
+        save_steps: Write a resumable checkpoint every N optimizer steps (0: none).
+        seed: Seed of LoRA initialisation, data order, hold-out split and dropout.
+        device: Device: auto (cuda when available, else cpu), cpu, cuda, cuda:N.
+        cpu_threads: CPU threads torch uses during the run (0: torch's default, one per core); 1 avoids the
+            slowdown of oversubscribed cores when other processes share them.
+        progress: Show a progress bar (tqdm, on stderr).
+    """
 
     base: str = "default"
-    """Base model: 'default' (the embedded SmolLM2-135M-Instruct) or a local HF model folder."""
     data: str | None = None
-    """Training data: a JSONL file (prompt/completion, chat 'messages' or plain 'text' lines)."""
     eval_data: str | None = None
-    """Evaluation data (same formats); without it, 'eval_fraction' of the training data is held out."""
     output: str | None = None
-    """Output folder: the PEFT adapter, training_metadata.json and checkpoints/step-N."""
     format: str = "auto"
-    """Data format: auto (detected per file from the first record's keys), prompt_completion, chat, text."""
     lora_r: int = 16
-    """LoRA rank."""
     lora_alpha: float = 32.0
-    """LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with use_rslora)."""
     lora_dropout: float = 0.0
-    """Dropout on the LoRA input."""
     lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    """Linear layers to adapt (comma-separated on the command line)."""
     use_rslora: bool = False
-    """Rank-stabilised LoRA scaling (alpha/sqrt(r))."""
     qlora: bool = False
-    """QLoRA: 4-bit NF4 base (double quant, bf16 compute) and paged 8-bit AdamW; needs CUDA."""
     dtype: str = "auto"
-    """Base weights dtype for plain LoRA: auto (as stored in the base folder), bfloat16, float16, float32."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (less memory, ~30% slower)."""
     learning_rate: float = 2e-4
-    """Peak learning rate of AdamW."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
     warmup_steps: int = 0
-    """Optimizer steps of linear warm-up from 0 to learning_rate; then linear decay to 0."""
     max_grad_norm: float = 1.0
-    """Gradient clipping norm (0 disables clipping)."""
     num_epochs: float = 1.0
-    """Passes over the training data (ignored when max_steps is set)."""
     max_steps: int = 0
-    """Optimizer steps to run; 0 means derive from num_epochs."""
     micro_batch_size: int = 4
-    """Examples per forward/backward pass."""
     gradient_accumulation_steps: int = 1
-    """Micro-batches per optimizer step."""
     max_seq_len: int = 512
-    """Longest sequence in tokens; see 'overlong' for longer examples."""
     overlong: str = "truncate"
-    """Examples over max_seq_len: 'truncate' keeps the first max_seq_len tokens (dropping the example if
-    no supervised token is left), 'drop' skips the example."""
     eval_fraction: float = 0.0
-    """Fraction of the training data held out for evaluation when no eval_data is given."""
     eval_steps: int = 0
-    """Evaluate every N optimizer steps (0: only before and after training)."""
     save_steps: int = 0
-    """Write a resumable checkpoint every N optimizer steps (0: none)."""
     seed: int = 42
-    """Seed of LoRA initialisation, data order, hold-out split and dropout."""
     device: str = "auto"
-    """Device: auto (cuda when available, else cpu), cpu, cuda, cuda:N."""
     cpu_threads: int = 0
-    """CPU threads torch uses during the run (0: torch's default, one per core); 1 avoids the heavy slowdown
-    of oversubscribed cores when other processes share them."""
-    """Device: auto (cuda when available, else cpu), cpu, cuda, cuda:N."""
     progress: bool = True
-    """Show a progress bar (tqdm, on stderr)."""
 
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -161,19 +162,6 @@ def _choice_problems(cfg: TrainConfig) -> list[str]:
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         problems.append(f"device={cfg.device!r} is not auto, cpu, cuda or cuda:N")
     return problems
-
-
-@functools.cache
-def field_docs() -> dict[str, str]:
-    """Each TrainConfig field's docstring (the string literal under it), for --help and the docs."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(TrainConfig)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, after in itertools.pairwise(body):
-        named = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-        if named and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(after.value.value).split())
-    return docs
 
 
 def field_names() -> tuple[str, ...]:
@@ -244,4 +232,4 @@ def build_config(
     return config
 
 
-__all__ = ["TrainConfig", "build_config", "field_docs", "field_names", "load_recipe", "normalise_keys"]
+__all__ = ["TrainConfig", "build_config", "field_names", "load_recipe", "normalise_keys"]

@@ -44,11 +44,9 @@ class DataFile:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+    """``sha256:<hex>`` of a file's bytes."""
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
+        return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def detect_format(record: dict[str, Any]) -> str | None:

@@ -67,8 +67,21 @@ def _load_full_precision(config: TrainConfig, base_path: Path, device) -> Any:
     dtype = "auto" if config.dtype == "auto" else getattr(torch, config.dtype)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpoint_activations(model)
     return model
+
+
+def _checkpoint_activations(model) -> None:
+    """Recompute each decoder layer's activations in the backward pass (non-reentrant checkpointing).
+
+    transformers deprecated ``gradient_checkpointing_enable`` for ``activation_checkpointing_enable``; the
+    old name is used only by the releases that lack the new one (5.17 has only the old).
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _load_4bit(config: TrainConfig, base_path: Path, device) -> Any:
@@ -84,11 +97,11 @@ def _load_4bit(config: TrainConfig, base_path: Path, device) -> Any:
         dtype=torch.bfloat16,
         device_map={"": device.index or 0},
     )
-    return prepare_model_for_kbit_training(
-        model,
-        use_gradient_checkpointing=config.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
+    # PEFT would call the deprecated gradient_checkpointing_enable: checkpointing is enabled here instead.
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if config.gradient_checkpointing:
+        _checkpoint_activations(model)
+    return model
 
 
 def build_model(config: TrainConfig, base_path: Path, device) -> Any:

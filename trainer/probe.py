@@ -94,8 +94,8 @@ def probe(model, tokenizer, pairs: list[tuple[str, str]]) -> ProbeResult:
     return ProbeResult(prompts, expected, greedy_complete(model, tokenizer, prompts, longest + 1))
 
 
-# A recipe that teaches SmolLM2-135M a made-up fact table (tests/data/secret_codes.jsonl) on 2 CPU cores in
-# about a minute of training; the eval set is the training set (the facts cannot be inferred).
+# A recipe that teaches SmolLM2-135M a made-up fact table (tests/trainer/data/secret_codes.jsonl) on CPU; the
+# eval set is the training set (the facts cannot be inferred).
 FACT_RECIPE: dict[str, Any] = {
     "lora_r": 16,
     "lora_alpha": 32,
@@ -107,7 +107,7 @@ FACT_RECIPE: dict[str, Any] = {
     "max_seq_len": 48,
     "seed": 42,
     "progress": False,
-    "cpu_threads": 1,  # robust on shared/oversubscribed CI cores (2 threads are ~1.5x faster on idle ones)
+    "cpu_threads": 1,  # robust on shared, oversubscribed CI cores
 }
 
 

@@ -1,8 +1,8 @@
 """Bearer-token checks per call: inference tokens for ``Inference``, admin tokens for ``Admin`` (and both).
 
 Health checks and server reflection stay open so that probes and off-the-shelf tools work without a
-token. The interceptor raises the two errors below; :mod:`loraswap.server.grpc.interceptors` maps them to
-UNAUTHENTICATED and PERMISSION_DENIED like every other error.
+token. The interceptor raises the two errors below; the table in :mod:`loraswap.server.grpc.status` maps
+them to UNAUTHENTICATED and PERMISSION_DENIED like every other error, and the client raises them back.
 """
 
 from __future__ import annotations

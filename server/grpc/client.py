@@ -1,7 +1,9 @@
 """Typed Python clients (sync and asyncio) of a loraswap server, returning the engine's domain types.
 
-Status codes that have a domain error class come back as that class (NOT_FOUND → NotFoundError, ...);
-any other failure raises :class:`ServerError` with the status code.
+Status codes that have a domain error class come back as that class (NOT_FOUND → NotFoundError,
+UNAUTHENTICATED → :class:`~loraswap.server.grpc.auth.UnauthenticatedError`, …; the table is
+:mod:`loraswap.server.grpc.status`); any other failure, UNAVAILABLE included, raises :class:`ServerError`
+with the status code.
 
 Example::
 
@@ -29,23 +31,12 @@ from loraswap.server.engine.api import (
     Tier,
     TokenEvent,
 )
-from loraswap.server.grpc import convert
+from loraswap.server.grpc import convert, status
 from loraswap.server.grpc.pb import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
-
-ERROR_BY_STATUS: dict[grpc.StatusCode, type[errors.LoraswapError]] = {
-    grpc.StatusCode.NOT_FOUND: errors.NotFoundError,
-    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgumentError,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.IncompatibleAdapterError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.OverloadedError,
-    grpc.StatusCode.ABORTED: errors.ConflictError,
-    grpc.StatusCode.DATA_LOSS: errors.IntegrityError,
-    grpc.StatusCode.CANCELLED: errors.CancelledError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceededError,
-}
 
 
 class ServerError(errors.LoraswapError):
-    """A call failed with a status code that has no domain error class (UNAVAILABLE, UNAUTHENTICATED, …)."""
+    """A call failed with a status code that has no domain error class (UNAVAILABLE, INTERNAL, …)."""
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         self.code = code
@@ -53,9 +44,9 @@ class ServerError(errors.LoraswapError):
 
 
 def translate(exc: grpc.RpcError) -> errors.LoraswapError:
-    """The domain error for a failed call."""
+    """The domain error for a failed call (:func:`~loraswap.server.grpc.status.error_class_for`)."""
     code, details = exc.code(), exc.details() or ""
-    cls = ERROR_BY_STATUS.get(code)
+    cls = status.error_class_for(code)
     return cls(details) if cls is not None else ServerError(code, details)
 
 

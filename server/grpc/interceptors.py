@@ -1,8 +1,10 @@
 """The one place that turns exceptions into gRPC status codes, and counts every call's outcome.
 
 Servicers raise domain errors (:mod:`loraswap.errors`) and never call ``context.abort``; this
-interceptor aborts with the code from :data:`STATUS_BY_ERROR`. Anything else is logged and becomes
-INTERNAL with a generic message, so that no internals leak to callers.
+interceptor aborts with the code from :func:`~loraswap.server.grpc.status.status_for`. Anything else is
+logged and becomes INTERNAL with a generic message, so that no internals leak to callers. Handlers that
+are not ours (the health service) may set a code on the context instead, or abort themselves; such a
+call keeps that code, and is counted with it.
 """
 
 from __future__ import annotations
@@ -14,43 +16,25 @@ from typing import Any
 
 import grpc
 
-from loraswap import errors
-from loraswap.server.grpc.auth import PermissionDeniedError, UnauthenticatedError
+from loraswap.server.grpc.status import status_for
 
 log = logging.getLogger(__name__)
 
-# Most specific first: the first class an exception is an instance of wins.
-STATUS_BY_ERROR: tuple[tuple[type[errors.LoraswapError], grpc.StatusCode], ...] = (
-    (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
-    (errors.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),  # AdapterValidationError too
-    (errors.IncompatibleAdapterError, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.DrainingError, grpc.StatusCode.UNAVAILABLE),
-    (errors.ConflictError, grpc.StatusCode.ABORTED),
-    (errors.IntegrityError, grpc.StatusCode.DATA_LOSS),
-    (errors.CancelledError, grpc.StatusCode.CANCELLED),
-    (errors.DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
-    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
-)
-INTERNAL_MESSAGE = "internal error"
-
 CallObserver = Callable[[str, grpc.StatusCode, float], None]
-"""``(method, code, seconds)`` called once per finished call (for the requests metric)."""
+"""``(method, code, seconds)`` called once per finished call (for the requests and latency metrics)."""
 
 
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and details a caller sees for ``exc``."""
-    for cls, code in STATUS_BY_ERROR:
-        if isinstance(exc, cls):
-            return code, str(exc)
-    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+def _set_code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
+    """The code set on the context so far (by ``set_code`` or ``abort``), unless none or OK."""
+    code = context.code()
+    return None if code is None or code == grpc.StatusCode.OK else code
 
 
-def _final_code(context: grpc.ServicerContext, code: grpc.StatusCode) -> grpc.StatusCode:
-    """What the caller got: a call whose client went away ended by deadline or cancellation."""
+def _final_code(context: grpc.ServicerContext) -> grpc.StatusCode:
+    """What the caller got: a call whose client went away ended by deadline or cancellation; any other
+    ended with the code set on its context (by the handler, or by :meth:`ErrorInterceptor._abort`)."""
     if context.is_active():
-        return code
+        return _set_code(context) or grpc.StatusCode.OK
     return grpc.StatusCode.DEADLINE_EXCEEDED if context.time_remaining() <= 0 else grpc.StatusCode.CANCELLED
 
 
@@ -82,21 +66,26 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         return handler  # client-streaming calls (reflection) pass through untouched
 
     def _abort(self, context: grpc.ServicerContext, method: str, exc: Exception) -> None:
+        """End the call for ``exc`` (``context.abort`` raises). An error outside the table is INTERNAL,
+        unless the handler had set a code itself (``context.abort`` does): then that code and its
+        details stand."""
         code, message = status_for(exc)
-        if code == grpc.StatusCode.INTERNAL:
+        if code == grpc.StatusCode.INTERNAL and (own := _set_code(context)) is not None:
+            details = context.details()
+            code, message = own, details.decode() if isinstance(details, bytes) else details or ""
+        elif code == grpc.StatusCode.INTERNAL:
             log.exception("unexpected error in %s", method)
         context.abort(code, message)
 
     def _unary(self, method: str, behaviour: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-            start, code = time.perf_counter(), grpc.StatusCode.OK
+            start = time.perf_counter()
             try:
                 return behaviour(request, context)
             except Exception as exc:
-                code = status_for(exc)[0]
                 self._abort(context, method, exc)
             finally:
-                self.on_call(method, _final_code(context, code), time.perf_counter() - start)
+                self.on_call(method, _final_code(context), time.perf_counter() - start)
 
         return wrapped
 
@@ -104,13 +93,12 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         self, method: str, behaviour: Callable[[Any, Any], Iterator[Any]]
     ) -> Callable[[Any, Any], Any]:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            start, code = time.perf_counter(), grpc.StatusCode.OK
+            start = time.perf_counter()
             try:
                 yield from behaviour(request, context)
             except Exception as exc:
-                code = status_for(exc)[0]
                 self._abort(context, method, exc)
             finally:
-                self.on_call(method, _final_code(context, code), time.perf_counter() - start)
+                self.on_call(method, _final_code(context), time.perf_counter() - start)
 
         return wrapped

@@ -10,28 +10,36 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from loraswap.server.grpc.auth import AuthInterceptor, TokenAuth
 from loraswap.server.grpc.interceptors import ErrorInterceptor
 from loraswap.server.grpc.pb import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+from loraswap.server.grpc.reflection import enable_reflection
 from loraswap.server.grpc.servicers import AdminServicer, EngineSlot, InferenceServicer
 from loraswap.server.metrics import Metrics
 from loraswap.server.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
-INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
-ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+_SERVICES = (
+    inference_pb2.DESCRIPTOR.services_by_name["Inference"],
+    admin_pb2.DESCRIPTOR.services_by_name["Admin"],
+    health_pb2.DESCRIPTOR.services_by_name["Health"],
+)
+INFERENCE_SERVICE, ADMIN_SERVICE = _SERVICES[0].full_name, _SERVICES[1].full_name
 HEALTH_SERVICES = ("", INFERENCE_SERVICE, ADMIN_SERVICE)
-EXTRA_WORKERS = 4  # threads beyond max_concurrent_rpcs, for health checks and reflection
+RPC_METHODS = tuple(
+    f"/{service.full_name}/{method.name}" for service in _SERVICES for method in service.methods
+)
+"""Every method the interceptor sees, each a ``method`` label of the RPC metrics (reflection passes by)."""
+EXTRA_WORKERS = 4  # threads beyond max_concurrent_rpcs, so that the RPC limit, not the pool, refuses calls
+STOP_GRACE_S = 5.0  # once the engine has drained: the longest wait for the last responses to go out
 
 
 def server_credentials(settings: ServeSettings) -> grpc.ServerCredentials:
@@ -46,6 +54,7 @@ class GrpcServer:
 
     def __init__(self, settings: ServeSettings, metrics: Metrics) -> None:
         self.settings, self.metrics = settings, metrics
+        metrics.track_methods(RPC_METHODS)
         self.slot = EngineSlot()
         self.health = health.HealthServicer(experimental_non_blocking=True)
         auth = TokenAuth(settings.inference_tokens, settings.admin_tokens)
@@ -64,10 +73,8 @@ class GrpcServer:
         )
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.slot, settings), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        names = (INFERENCE_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, self.server)
+        enable_reflection([service.full_name for service in _SERVICES], self.server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = 0
 
     def _set_health(self, status: int) -> None:
         for name in HEALTH_SERVICES:
@@ -77,11 +84,11 @@ class GrpcServer:
         """Listen (TLS when configured) and return the bound port."""
         address = f"{self.settings.host}:{self.settings.port}"
         if self.settings.tls_cert:
-            self.port = self.server.add_secure_port(address, server_credentials(self.settings))
+            port = self.server.add_secure_port(address, server_credentials(self.settings))
         else:
-            self.port = self.server.add_insecure_port(address)
+            port = self.server.add_insecure_port(address)
         self.server.start()
-        return self.port
+        return port
 
     def attach(self, engine: Any) -> None:
         """Serve ``engine`` from now on; health turns SERVING."""
@@ -96,14 +103,10 @@ class GrpcServer:
         engine = self.slot.engine
         if engine is not None:
             engine.stop(drain_timeout=grace)
-        self.server.stop(grace=min(grace, 5.0)).wait()
+        self.server.stop(grace=min(grace, STOP_GRACE_S)).wait()
 
 
-def serve(
-    settings: ServeSettings,
-    stop: threading.Event,
-    on_ready: Callable[[GrpcServer, int | None], None] | None = None,
-) -> int:
+def serve(settings: ServeSettings, stop: threading.Event) -> int:
     """Run a server until ``stop`` is set, then drain. Returns the process exit status."""
     from loraswap.server.engine import Engine
 
@@ -119,8 +122,6 @@ def serve(
         engine.start()
         server.attach(engine)
         _say(f"serving on {settings.host}:{port}")
-        if on_ready is not None:
-            on_ready(server, metrics_port)
         # Wake up often: a signal delivered to another thread (gRPC, engine) only runs its Python handler
         # once the main thread executes bytecode again, which a plain stop.wait() would never do.
         while not stop.wait(timeout=0.1):

@@ -300,6 +300,52 @@ def test_default_registry_location(make_adapter, monkeypatch: pytest.MonkeyPatch
     assert open_registry().url == f"file://{tmp_path / 'env-reg'}"
 
 
+def test_looking_up_the_local_folders_creates_nothing(
+    make_adapter, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``paths.*`` is a lookup (the engine asks for the cache folder per adapter per metrics scrape); a
+    folder appears only once something is written into it."""
+    home = tmp_path / "fresh-home"
+    monkeypatch.setenv("LORASWAP_HOME", str(home))
+    assert paths.home() == home
+    found = [paths.models_dir(), paths.adapter_cache_dir(), paths.default_registry_dir()]
+    assert found == [home / "models", home / "adapters", home / "registry"] and not home.exists()
+    reg = open_registry()
+    assert paths.default_registry_dir().is_dir() and not paths.adapter_cache_dir().exists()
+    reg.push(make_adapter(), "bot")
+    assert reg.pull("bot").parent == paths.adapter_cache_dir()
+
+
+def test_digests_are_the_sha256_of_the_bytes(tmp_path: Path) -> None:
+    import hashlib
+
+    from loraswap.registry.cache import file_digest
+    from loraswap.trainer.data import file_sha256
+
+    for size in (0, 1, (1 << 18) + 3, (1 << 20) * 2 + 1):  # around hashlib's and the old loops' buffers
+        data = os.urandom(size)
+        path = tmp_path / f"f{size}"
+        path.write_bytes(data)
+        assert file_digest(path) == file_sha256(path) == "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def test_verify_finds_a_manifest_whose_file_size_is_wrong(reg: Registry, make_adapter) -> None:
+    import dataclasses
+
+    from loraswap.registry.layout import manifest_key
+    from loraswap.registry.manifest import Manifest
+
+    good = reg.push(make_adapter(), "bot")
+    files = tuple(
+        dataclasses.replace(f, size=f.size + 1) if f.path == "adapter_model.safetensors" else f
+        for f in good.files
+    )
+    fields = {f.name: getattr(good, f.name) for f in dataclasses.fields(Manifest) if f.name != "digest"}
+    bad = Manifest.build(**{**fields, "files": files})
+    assert reg.store.put_if_absent(manifest_key("bot", bad.digest), bad.to_bytes())
+    assert reg.verify() == [f"bot@{bad.digest}: adapter_model.safetensors has the wrong size"]
+
+
 def test_store_keys_cannot_escape(root: Path) -> None:
     store = LocalStore(root)
     for key in ("../x", "a/../../x", "/abs", "a//b", ".tmp/x", "a\\b"):

@@ -113,6 +113,15 @@ def test_unsupported_and_untargeted_modules(adapter: Path) -> None:
     assert any("v_proj: module 'v_proj' is not in target_modules" in p for p in problems)
 
 
+def test_dotted_targets_match_by_suffix_in_the_adapter_and_the_base(adapter: Path, tiny_base: Path) -> None:
+    _edit_config(adapter, target_modules=["self_attn.q_proj", "self_attn.v_proj"])
+    validate_adapter_dir(adapter, base=resolve_base(tiny_base))
+    _edit_config(adapter, target_modules=["mlp.q_proj", "self_attn.v_proj"])
+    problems = _problems(adapter, base=resolve_base(tiny_base))
+    assert "target module 'mlp.q_proj' does not exist in the base model" in problems
+    assert any("self_attn.q_proj: module 'q_proj' is not in target_modules" in p for p in problems)
+
+
 def test_stray_tensor(adapter: Path) -> None:
     _edit_tensors(adapter, lambda t: t.update({"lm_head.weight": torch.zeros(2, 2)}))
     assert any("lm_head.weight is not a LoRA weight" in p for p in _problems(adapter))

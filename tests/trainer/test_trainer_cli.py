@@ -9,8 +9,9 @@ import pytest
 
 from loraswap.adapter_format import ADAPTER_WEIGHTS, TRAINING_METADATA
 from loraswap.cli import main
+from loraswap.docfields import field_docs
 from loraswap.errors import InvalidArgumentError
-from loraswap.trainer.config import TrainConfig, build_config, field_docs, field_names, load_recipe
+from loraswap.trainer.config import TrainConfig, build_config, field_names, load_recipe
 
 DATA = Path(__file__).parent / "data" / "secret_codes.jsonl"
 FAST = [
@@ -29,7 +30,7 @@ FAST = [
 
 
 def test_every_field_has_a_docstring_and_a_documented_flag(capsys: pytest.CaptureFixture) -> None:
-    docs = field_docs()
+    docs = field_docs(TrainConfig)
     assert set(docs) == set(field_names()) and all(docs.values())
     with pytest.raises(SystemExit) as info:
         main(["train", "--help"])
@@ -41,6 +42,17 @@ def test_every_field_has_a_docstring_and_a_documented_flag(capsys: pytest.Captur
         if name not in ("data", "eval_data"):
             assert "--" + name.replace("_", "-") in text, name
     assert "--qlora, --no-qlora" in text and "Rank-stabilised" in text
+
+
+def test_help_shows_each_field_doc_verbatim(capsys: pytest.CaptureFixture) -> None:
+    """argparse %-formats help strings: an unescaped ``%`` in a field's doc printed argparse's parameter
+    dict in its place (``--gradient-checkpointing`` showed ``~30{'option_strings': ...}lower``)."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    squashed = "".join(capsys.readouterr().out.split())  # argparse re-wraps lines, at hyphens too
+    garbled = [name for name, doc in field_docs(TrainConfig).items() if "".join(doc.split()) not in squashed]
+    assert garbled == []
+    assert "{'" not in squashed and "option_strings" not in squashed
 
 
 def test_train_from_flags(tiny_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

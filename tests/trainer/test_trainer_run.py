@@ -165,6 +165,8 @@ def test_same_seed_same_adapter_and_resume_without_checkpoint_starts_fresh(
 
 
 def test_eval_file_gradient_checkpointing_and_epochs(tiny_base: Path, tmp_path: Path) -> None:
+    import warnings
+
     config = tiny_config(
         tiny_base,
         tmp_path / "out",
@@ -175,7 +177,11 @@ def test_eval_file_gradient_checkpointing_and_epochs(tiny_base: Path, tmp_path: 
         lora_target_modules=("q_proj", "down_proj"),
         eval_steps=2,
     )
-    result = train(config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(config)
+    assert not [w for w in caught if "gradient_checkpointing_enable" in str(w.message)]  # deprecated API
+    assert any(getattr(m, "gradient_checkpointing", False) for m in result.model.get_base_model().modules())
     meta = result.metadata
     assert meta["steps"] == 5  # 20 examples / 4 per batch = 5 batches per epoch, 2 epochs, 2 per step
     assert meta["datasets"]["eval"]["sha256"] == meta["datasets"]["train"]["sha256"]

@@ -1,4 +1,5 @@
-"""The gRPC layer's pieces that need no engine: codegen, conversion, auth, error mapping, settings."""
+"""The gRPC layer's pieces that need no engine: codegen, conversion, auth, error mapping, settings, and a
+real server before an engine is attached (health, reflection, call metrics)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.descriptor_pb2 import FileDescriptorProto
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from loraswap import errors
 from loraswap.devtools import protogen
+from loraswap.docfields import field_docs
 from loraswap.server.engine import EngineConfig
 from loraswap.server.engine.api import (
     AdapterStatus,
@@ -23,10 +28,19 @@ from loraswap.server.engine.api import (
 )
 from loraswap.server.grpc import convert
 from loraswap.server.grpc.auth import PermissionDeniedError, TokenAuth, UnauthenticatedError, bearer_token
-from loraswap.server.grpc.client import ERROR_BY_STATUS, ServerError, translate
-from loraswap.server.grpc.interceptors import INTERNAL_MESSAGE, STATUS_BY_ERROR, ErrorInterceptor, status_for
-from loraswap.server.grpc.pb import admin_pb2, inference_pb2
-from loraswap.server.settings import ServeSettings, field_docs, load_settings
+from loraswap.server.grpc.client import ServerError, translate
+from loraswap.server.grpc.interceptors import ErrorInterceptor
+from loraswap.server.grpc.pb import admin_pb2, admin_pb2_grpc, inference_pb2
+from loraswap.server.grpc.server import RPC_METHODS, GrpcServer
+from loraswap.server.grpc.status import (
+    INTERNAL_MESSAGE,
+    SERVER_ONLY_CODES,
+    STATUS_TABLE,
+    error_class_for,
+    status_for,
+)
+from loraswap.server.metrics import Metrics
+from loraswap.server.settings import ServeSettings, load_settings
 
 # --- codegen -------------------------------------------------------------------------------------
 
@@ -182,14 +196,38 @@ EXPECTED_CODES = {
 }
 
 
+# what the client raises for each, where it is not the server's class
+CLIENT_RAISES = {
+    errors.AdapterValidationError: errors.InvalidArgumentError,  # travels as its table ancestor
+    errors.DrainingError: ServerError,  # UNAVAILABLE is also "no server answered"
+    RuntimeError: ServerError,  # INTERNAL
+}
+
+
 def test_status_table_covers_every_domain_error() -> None:
-    mapped = {cls for cls, _ in STATUS_BY_ERROR}
+    mapped = {cls for cls, _ in STATUS_TABLE}
     domain = {c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.LoraswapError)}
     assert domain - {errors.LoraswapError} <= mapped | {errors.AdapterValidationError}
     for exc, code in EXPECTED_CODES.items():
         assert status_for(exc)[0] == code
     assert status_for(RuntimeError("secret"))[1] == INTERNAL_MESSAGE
     assert status_for(errors.LoraswapError("base"))[0] == grpc.StatusCode.INTERNAL
+
+
+def test_status_table_round_trips() -> None:
+    """error → code → error class, for every entry; one code per entry; no entry shadowed by an earlier."""
+    codes = [code for _, code in STATUS_TABLE]
+    assert len(set(codes)) == len(codes)
+    for i, (cls, code) in enumerate(STATUS_TABLE):
+        assert status_for(cls("x")) == (code, "x")
+        if code in SERVER_ONLY_CODES:
+            assert error_class_for(code) is None and CLIENT_RAISES[cls] is ServerError
+        else:
+            assert error_class_for(code) is cls
+        assert not any(issubclass(cls, earlier) for earlier, _ in STATUS_TABLE[:i]), cls
+    assert {grpc.StatusCode.UNAVAILABLE} == SERVER_ONLY_CODES
+    for code in (grpc.StatusCode.OK, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNIMPLEMENTED):
+        assert error_class_for(code) is None
 
 
 @pytest.fixture(scope="module")
@@ -205,9 +243,23 @@ def raising_server():
         yield b"first"
         raise by_name[request.decode()]
 
+    def set_code(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.set_code(grpc.StatusCode.NOT_FOUND)  # like the health service for an unknown name
+        return b""
+
+    def set_code_stream(request: bytes, context: grpc.ServicerContext):
+        yield b"first"
+        context.set_code(grpc.StatusCode.FAILED_PRECONDITION)
+
+    def abort(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, "not yours")
+
     handlers = {
         "Unary": grpc.unary_unary_rpc_method_handler(unary),
         "Stream": grpc.unary_stream_rpc_method_handler(stream),
+        "SetCode": grpc.unary_unary_rpc_method_handler(set_code),
+        "SetCodeStream": grpc.unary_stream_rpc_method_handler(set_code_stream),
+        "Abort": grpc.unary_unary_rpc_method_handler(abort),
     }
     from concurrent import futures
 
@@ -244,6 +296,24 @@ def test_interceptor_maps_errors_on_unary_and_stream(raising_server) -> None:
     assert ("/test.Raise/Stream", grpc.StatusCode.DATA_LOSS) in calls
 
 
+def test_interceptor_counts_the_code_a_handler_set_itself(raising_server) -> None:
+    """A handler that sets a code on the context (or aborts) ends with that code, and is counted with it."""
+    channel, _, calls = raising_server
+    with pytest.raises(grpc.RpcError) as info:
+        channel.unary_unary("/test.Raise/SetCode")(b"", timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert calls[-1] == ("/test.Raise/SetCode", grpc.StatusCode.NOT_FOUND)
+    got = []
+    with pytest.raises(grpc.RpcError) as info:
+        got.extend(channel.unary_stream("/test.Raise/SetCodeStream")(b"", timeout=10))
+    assert got == [b"first"] and info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert calls[-1] == ("/test.Raise/SetCodeStream", grpc.StatusCode.FAILED_PRECONDITION)
+    with pytest.raises(grpc.RpcError) as info:
+        channel.unary_unary("/test.Raise/Abort")(b"", timeout=10)
+    assert (info.value.code(), info.value.details()) == (grpc.StatusCode.PERMISSION_DENIED, "not yours")
+    assert calls[-1] == ("/test.Raise/Abort", grpc.StatusCode.PERMISSION_DENIED)
+
+
 def test_client_translates_codes_back(raising_server) -> None:
     channel, by_name, _ = raising_server
     unary = channel.unary_unary("/test.Raise/Unary")
@@ -251,10 +321,98 @@ def test_client_translates_codes_back(raising_server) -> None:
         with pytest.raises(grpc.RpcError) as info:
             unary(key.encode(), timeout=10)
         domain = translate(info.value)
-        expected = ERROR_BY_STATUS.get(EXPECTED_CODES[exc], ServerError)
-        assert type(domain) is expected, key
+        assert type(domain) is CLIENT_RAISES.get(type(exc), type(exc)), key
         if isinstance(domain, ServerError):
             assert domain.code == EXPECTED_CODES[exc]
+        else:
+            assert str(domain) == str(exc)
+
+
+# --- a real server with no engine yet: health, reflection, call metrics ------------------------------
+
+
+@pytest.fixture(scope="module")
+def bare_server():
+    """A real :class:`GrpcServer` on 127.0.0.1 before an engine is attached (health NOT_SERVING, calls
+    UNAVAILABLE): everything but the engine's calls answers."""
+    metrics = Metrics()
+    server = GrpcServer(ServeSettings(port=0, max_concurrent_rpcs=8), metrics)
+    port = server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield metrics, channel
+    channel.close()
+    server.shutdown(grace=0)
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+CHECK = "/grpc.health.v1.Health/Check"
+
+
+def test_health_check_of_an_unknown_service_is_counted_not_found(bare_server) -> None:
+    metrics, channel = bare_server
+    health = health_pb2_grpc.HealthStub(channel)
+
+    def checks(code: str) -> float:
+        return sample(metrics, "loraswap_requests_total", method=CHECK, code=code)
+
+    ok, not_found = checks("OK"), checks("NOT_FOUND")
+    with pytest.raises(grpc.RpcError) as info:
+        health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert (checks("OK"), checks("NOT_FOUND")) == (ok, not_found + 1)
+    status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert (checks("OK"), checks("NOT_FOUND")) == (ok + 1, not_found + 1)
+
+
+def test_rpc_latency_is_observed_per_registered_method(bare_server) -> None:
+    metrics, channel = bare_server
+    info_method = "/loraswap.v1.Admin/ServerInfo"
+    assert {CHECK, info_method, "/loraswap.v1.Inference/GenerateStream"} <= set(RPC_METHODS)
+    duration = "loraswap_rpc_duration_seconds"
+    before = sample(metrics, f"{duration}_count", method=info_method)
+    with pytest.raises(grpc.RpcError) as info:
+        admin_pb2_grpc.AdminStub(channel).ServerInfo(admin_pb2.ServerInfoRequest(), timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # no engine yet
+    assert sample(metrics, f"{duration}_count", method=info_method) == before + 1
+    assert sample(metrics, f"{duration}_bucket", method=info_method, le="+Inf") == before + 1
+    assert sample(metrics, "loraswap_requests_total", method=info_method, code="UNAVAILABLE") >= 1
+    with pytest.raises(grpc.RpcError) as info:
+        channel.unary_unary("/made.Up/Method")(b"", timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    labels = {s.labels.get("method") for family in metrics.registry.collect() for s in family.samples}
+    assert labels - {None} <= set(RPC_METHODS) | {"other"}
+
+
+def test_reflection_answers_v1_and_v1alpha(bare_server) -> None:
+    """grpc.reflection.v1 and v1alpha carry the same messages on the wire: v1alpha's classes encode both."""
+    _, channel = bare_server
+    request = reflection_pb2.ServerReflectionRequest
+    asks = [
+        request(list_services=""),
+        request(file_containing_symbol="loraswap.v1.Inference"),
+        request(file_containing_symbol="grpc.reflection.v1.ServerReflection"),
+    ]
+    for version in ("v1", "v1alpha"):
+        info = channel.stream_stream(
+            f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+            request_serializer=request.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        listed, inference, v1 = list(info(iter(asks), timeout=10))
+        names = {s.name for s in listed.list_services_response.service}
+        assert {"loraswap.v1.Inference", "loraswap.v1.Admin", "grpc.health.v1.Health"} <= names, version
+        assert {"grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= names
+        blobs = inference.file_descriptor_response.file_descriptor_proto
+        assert any(FileDescriptorProto.FromString(b).package == "loraswap.v1" for b in blobs), version
+        (blob,) = v1.file_descriptor_response.file_descriptor_proto
+        served = FileDescriptorProto.FromString(blob)
+        method = served.service[0].method[0]
+        assert served.package == "grpc.reflection.v1" and method.name == "ServerReflectionInfo"
+        assert method.input_type == ".grpc.reflection.v1.ServerReflectionRequest"
 
 
 # --- settings ------------------------------------------------------------------------------------
@@ -317,6 +475,24 @@ def test_serve_help_documents_every_setting(capsys: pytest.CaptureFixture[str]) 
         assert flag in out
     assert "past it new calls get RESOURCE_EXHAUSTED" in out
     assert "Adapters resident on the device at once" in out
+
+
+def test_default_metrics_port_is_not_prometheus_own_and_deploy_files_agree() -> None:
+    """9090 is the Prometheus server's own port; loraswap's metrics default to 9400, as the docs say."""
+    import yaml
+
+    port = ServeSettings().metrics_port
+    assert port == 9400
+    deploy = Path(__file__).resolve().parents[3] / "deploy"
+    assert yaml.safe_load((deploy / "serve.example.yaml").read_text())["metrics_port"] == port
+    [scrape] = yaml.safe_load((deploy / "prometheus.yml").read_text())["scrape_configs"]
+    assert [t.rsplit(":", 1)[1] for c in scrape["static_configs"] for t in c["targets"]] == [str(port)]
+    deployment, service = yaml.safe_load_all((deploy / "kubernetes.yaml").read_text())
+    pod = deployment["spec"]["template"]
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+    [container] = pod["spec"]["containers"]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"] == port
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]}["metrics"] == port
 
 
 def test_deploy_example_config_loads() -> None:
