@@ -200,8 +200,6 @@ class Metrics:
     def on_load_failure(self, reason: str) -> None:
         self.load_failures.labels(reason).inc()
 
-    def on_queue_depth(self, depth: int) -> None:
-        pass  # read from the engine at scrape time (see EngineCollector)
 
     def on_token(self, request_id: str, adapter: str, inter_token_s: float | None) -> None:
         if inter_token_s is not None:

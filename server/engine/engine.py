@@ -177,7 +177,6 @@ class Engine:
             )
             self._incoming.append(state)
             self.scheduler.arrivals.set()
-            self.observer.on_queue_depth(self.queue_depth())
             self._cv.notify()
         return RequestHandle(state)
 
@@ -319,7 +318,6 @@ class Engine:
             state.admitted = now()
             self._waiting.remove(state)
             self._running.append(state)
-        self.observer.on_queue_depth(self.queue_depth())
 
     def _advance(self, plan: Plan, logits: torch.Tensor) -> None:
         row = 0
