@@ -167,7 +167,6 @@ class EngineObserver(Protocol):
 
     def on_load_failure(self, reason: str) -> None: ...
 
-
     def on_token(self, request_id: str, adapter: str, inter_token_s: float | None) -> None: ...
 
 
@@ -188,7 +187,6 @@ class NullObserver:
 
     def on_load_failure(self, reason: str) -> None:
         pass
-
 
     def on_token(self, request_id: str, adapter: str, inter_token_s: float | None) -> None:
         pass

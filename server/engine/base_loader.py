@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +43,21 @@ def default_quantization(device: torch.device) -> str:
     return "nf4" if device.type == "cuda" else "bf16"
 
 
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' progress bars off while loading (a server's log gets no "Loading weights" bar), then
+    as they were."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_base(ref: BaseModelRef, quantization: str, device: torch.device) -> LoadedBase:
     """Load ``ref`` once. Quantized variants go through bitsandbytes; the others are plain dtypes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -48,12 +65,15 @@ def load_base(ref: BaseModelRef, quantization: str, device: torch.device) -> Loa
     tokenizer = AutoTokenizer.from_pretrained(ref.path)
     if quantization in _DTYPES:
         dtype = _DTYPES[quantization]
-        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=dtype).to(device)
+        with _no_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=dtype).to(device)
     elif quantization in ("nf4", "int8"):
         dtype = torch.bfloat16
-        model = AutoModelForCausalLM.from_pretrained(
-            ref.path, dtype=dtype, quantization_config=bnb_config(quantization), device_map={"": str(device)}
-        )
+        config = bnb_config(quantization)
+        with _no_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(
+                ref.path, dtype=dtype, quantization_config=config, device_map={"": str(device)}
+            )
     else:
         raise InvalidArgumentError(f"unknown quantization {quantization!r}")
     model.eval()

@@ -51,7 +51,7 @@ from loraswap.server.engine.detok import TextStream
 from loraswap.server.engine.forward import PackedForward
 from loraswap.server.engine.kv_cache import KVCache
 from loraswap.server.engine.request import RequestHandle, RequestState
-from loraswap.server.engine.sampling import make_generator, sample_token
+from loraswap.server.engine.sampling import SamplerState, sample_batch
 from loraswap.server.engine.scheduler import Plan, Scheduler
 from loraswap.server.lora.layer import install_lora_layers
 
@@ -173,7 +173,7 @@ class Engine:
                 prompt_ids=prompt_ids,
                 text=TextStream(self.tokenizer, request.sampling.stop),
                 adapter=future,
-                generator=make_generator(request.sampling),
+                sampler=SamplerState(request.sampling, prompt_ids),
             )
             self._incoming.append(state)
             self.scheduler.arrivals.set()
@@ -320,14 +320,17 @@ class Engine:
             self._running.append(state)
 
     def _advance(self, plan: Plan, logits: torch.Tensor) -> None:
-        row = 0
+        """Account for the tokens ``plan`` ran and sample the next token of every chunk that asked for
+        logits, the whole batch at once (one host transfer per step)."""
+        sampled = []
         for state, chunk in plan:
             state.cached += len(chunk.token_ids)
-            if not chunk.want_logits:
-                continue
-            params = state.request.sampling
-            token = sample_token(logits[row], params, state.prompt_ids + state.output_ids, state.generator)
-            row += 1
+            if chunk.want_logits:
+                sampled.append(state)
+        if not sampled:
+            return
+        tokens = sample_batch(logits, [s.sampler for s in sampled])
+        for state, token in zip(sampled, tokens, strict=True):
             self._emit_token(state, token)
 
     def _emit_token(self, state: RequestState, token: int) -> None:

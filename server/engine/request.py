@@ -9,8 +9,6 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-import torch
-
 from loraswap.errors import CancelledError
 from loraswap.server.adapters.reader import HostAdapter
 from loraswap.server.engine.api import (
@@ -22,6 +20,7 @@ from loraswap.server.engine.api import (
     now,
 )
 from loraswap.server.engine.detok import TextStream
+from loraswap.server.engine.sampling import SamplerState
 
 _END = object()
 
@@ -34,7 +33,7 @@ class RequestState:
     prompt_ids: list[int]
     text: TextStream
     adapter: Future[HostAdapter] | None  # None = base model
-    generator: torch.Generator | None
+    sampler: SamplerState
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=now)

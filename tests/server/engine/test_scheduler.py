@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from loraswap.server.engine.api import GenerationRequest
+from loraswap.server.engine.api import GenerationRequest, SamplingParams
 from loraswap.server.engine.request import RequestState
+from loraswap.server.engine.sampling import SamplerState
 from loraswap.server.engine.scheduler import Scheduler
 
 
@@ -13,7 +14,7 @@ def _state(prompt_len: int, row: int, cached: int = 0, outputs: int = 0) -> Requ
         prompt_ids=list(range(prompt_len)),
         text=None,  # the scheduler never reads text
         adapter=None,
-        generator=None,
+        sampler=SamplerState(SamplingParams(), []),
     )
     state.row, state.cached, state.output_ids = row, cached, list(range(outputs))
     return state
