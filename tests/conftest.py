@@ -1,13 +1,17 @@
-"""Shared fixtures: an isolated LORASWAP_HOME, a tiny random Llama, PEFT adapters for it."""
+"""Shared fixtures: an isolated LORASWAP_HOME, a tiny random Llama, PEFT adapters for it, greedy sampling."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from loraswap.devtools.tiny import build_tiny_llama, make_peft_adapter
+
+if TYPE_CHECKING:
+    from loraswap.server.engine.api import SamplingParams
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -76,3 +80,15 @@ def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             os.environ.pop("LORASWAP_HOME", None)
         else:
             os.environ["LORASWAP_HOME"] = saved
+
+
+@pytest.fixture(scope="session")
+def greedy() -> Callable[..., SamplingParams]:
+    """``greedy(n, **fields)``: greedy sampling of ``n`` tokens, EOS ignored unless ``ignore_eos=False``
+    (so a test knows how many tokens it gets); other ``SamplingParams`` fields pass through."""
+    from loraswap.server.engine.api import SamplingParams
+
+    def _greedy(max_new_tokens: int, *, ignore_eos: bool = True, **fields) -> SamplingParams:
+        return SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos, **fields)
+
+    return _greedy

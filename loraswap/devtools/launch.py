@@ -62,6 +62,8 @@ def start_serve(
             log.append(line)
             if "serving on" in line:
                 ready.set()
+        if proc.stderr is not None:
+            proc.stderr.close()  # the process exited: nothing more comes through the pipe
         ready.set()  # exited: stop waiting
 
     reader = threading.Thread(target=drain, daemon=True)

@@ -17,7 +17,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import pytest
 
 from loraswap import paths
@@ -25,6 +24,8 @@ from loraswap.errors import ConflictError, IntegrityError, NotFoundError
 from loraswap.registry import Registry, open_registry, open_store
 from loraswap.registry import s3_store as s3_module
 from loraswap.registry.s3_store import S3Store
+
+boto3 = pytest.importorskip("boto3")  # the [s3] extra; the GPU check runs without it
 
 
 def _files(folder: Path) -> dict[str, bytes]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -86,17 +87,15 @@ def peft_model(tiny_base: Path, adapter: Path | None):
     return (PeftModel.from_pretrained(model, adapter) if adapter else model).eval()
 
 
-def greedy(max_new_tokens: int = 10, **kwargs) -> SamplingParams:
-    return SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, **kwargs)
-
-
 @pytest.mark.slow
 def test_mixed_batch_is_token_identical_to_peft(
-    engine: Engine, registry_with_adapters, tiny_base: Path
+    engine: Engine, registry_with_adapters, tiny_base: Path, greedy
 ) -> None:
     _, folders = registry_with_adapters
     names = ["", *ADAPTER_SPECS]
-    requests = [GenerationRequest(adapter=n, prompt=p, sampling=greedy()) for n in names for p in PROMPTS[:2]]
+    requests = [
+        GenerationRequest(adapter=n, prompt=p, sampling=greedy(10)) for n in names for p in PROMPTS[:2]
+    ]
     results = [h.result(timeout=120) for h in [engine.submit(r) for r in requests]]
     tokenizer = engine.tokenizer
     for name in names:
@@ -106,7 +105,7 @@ def test_mixed_batch_is_token_identical_to_peft(
             expected = oracle.generate(
                 ids, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0
             )
-            got = results[requests.index(GenerationRequest(adapter=name, prompt=prompt, sampling=greedy()))]
+            got = results[requests.index(GenerationRequest(adapter=name, prompt=prompt, sampling=greedy(10)))]
             assert list(got.token_ids) == expected[0, ids.shape[1] :].tolist(), (name, prompt)
             assert got.adapter_digest.startswith("sha256:") if name else got.adapter_digest == ""
 
@@ -172,8 +171,10 @@ def test_decode_attention_is_the_same_for_any_placement_of_kv_rows(
 
 @pytest.mark.parametrize("quantization", ["fp32", "bf16", "fp16", "nf4", "int8"])
 def test_base_output_unchanged_after_200_adapter_loads(
-    tiny_base: Path, registry_with_adapters, quantization
+    tiny_base: Path, registry_with_adapters, quantization, greedy
 ) -> None:
+    if quantization in ("nf4", "int8"):
+        pytest.importorskip("bitsandbytes")  # the [cuda] extra
     registry, _ = registry_with_adapters
     engine = make_engine(tiny_base, registry, quantization=quantization, adapter_slots=2)
     try:
@@ -197,7 +198,9 @@ def test_base_output_unchanged_after_200_adapter_loads(
         engine.stop(drain_timeout=5)
 
 
-def test_more_adapters_than_slots_all_finish_correctly(tiny_base: Path, registry_with_adapters) -> None:
+def test_more_adapters_than_slots_all_finish_correctly(
+    tiny_base: Path, registry_with_adapters, greedy
+) -> None:
     registry, _ = registry_with_adapters
     engine = make_engine(tiny_base, registry, adapter_slots=2, max_batch_size=4)
     wide = make_engine(tiny_base, registry)
@@ -213,7 +216,7 @@ def test_more_adapters_than_slots_all_finish_correctly(tiny_base: Path, registry
         wide.stop(drain_timeout=5)
 
 
-def test_request_joins_while_others_decode(engine: Engine) -> None:
+def test_request_joins_while_others_decode(engine: Engine, greedy) -> None:
     long = [engine.submit(GenerationRequest(adapter="r4-qv", prompt=p, sampling=greedy(60))) for p in PROMPTS]
     next(long[0].events(timeout=30))  # the first batch is decoding
     late = engine.submit(GenerationRequest(adapter="r8-all", prompt=PROMPTS[1], sampling=greedy(2)))
@@ -224,7 +227,7 @@ def test_request_joins_while_others_decode(engine: Engine) -> None:
         assert handle.result(timeout=60).completion_tokens == 60
 
 
-def test_streaming_events_add_up_to_the_result(engine: Engine) -> None:
+def test_streaming_events_add_up_to_the_result(engine: Engine, greedy) -> None:
     handle = engine.submit(GenerationRequest(adapter="r8-all", prompt=PROMPTS[2], sampling=greedy(12)))
     events = list(handle.events(timeout=30))
     assert events[-1].finished and not any(e.finished for e in events[:-1])
@@ -232,7 +235,7 @@ def test_streaming_events_add_up_to_the_result(engine: Engine) -> None:
     assert sum(len(e.token_ids) for e in events) == 12
 
 
-def test_seeded_sampling_is_reproducible_whatever_the_batch(engine: Engine) -> None:
+def test_seeded_sampling_is_reproducible_whatever_the_batch(engine: Engine, greedy) -> None:
     params = SamplingParams(
         max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.9, seed=1234, ignore_eos=True
     )
@@ -250,7 +253,7 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(engine: Engine) -> N
     assert other.token_ids != alone.token_ids
 
 
-def test_stop_strings_and_chat_messages(engine: Engine) -> None:
+def test_stop_strings_and_chat_messages(engine: Engine, greedy) -> None:
     free = engine.generate(GenerationRequest(adapter="r8-all", prompt=PROMPTS[1], sampling=greedy(16)))
     cut = free.text[3:5]
     assert cut
@@ -306,38 +309,61 @@ def test_unknown_and_incompatible_adapters_never_fall_back_to_the_base(
     )
 
 
-def test_queue_bound_cancellation_deadline_and_drain(tiny_base: Path, registry_with_adapters) -> None:
+def _wait_until(predicate, timeout: float = 30.0) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def test_queue_bound_cancellation_deadline_and_drain(tiny_base: Path, registry_with_adapters, greedy) -> None:
     registry, _ = registry_with_adapters
-    engine = make_engine(tiny_base, registry, max_batch_size=1, max_queue=2)
+    config = EngineConfig(
+        base=str(tiny_base), quantization="fp32", max_batch_size=1, max_queue=2, max_seq_len=96
+    )
+    engine = Engine(config, registry=registry)  # stepped by hand until the drain: no step runs unasked
     try:
         running = engine.submit(GenerationRequest(prompt=PROMPTS[0], sampling=greedy(80)))
-        next(running.events(timeout=30))
+        engine.take_incoming()
+        engine.step()  # in the only batch row, first token out
         queued = [engine.submit(GenerationRequest(prompt=PROMPTS[1], sampling=greedy(2))) for _ in range(2)]
         with pytest.raises(OverloadedError):
             engine.submit(GenerationRequest(prompt=PROMPTS[1]))
         running.cancel()
+        _drive(engine, lambda: not (engine._incoming or engine._waiting or engine._running))
         with pytest.raises(CancelledError):
             running.result(timeout=30)
+        assert len(running.state.output_ids) == 1  # dropped at the first step after the cancel
         assert [q.result(timeout=30).completion_tokens for q in queued] == [2, 2]
-        late = engine.submit(
-            GenerationRequest(prompt=PROMPTS[0], sampling=greedy(80), deadline=time.monotonic() + 0.05)
-        )
+        late = engine.submit(GenerationRequest(prompt=PROMPTS[0], sampling=greedy(80)))
+        engine.take_incoming()
+        engine.step()  # running, first token out
+        late.state.request = replace(late.state.request, deadline=time.monotonic() - 1)  # its deadline passed
+        engine.step()
         with pytest.raises(DeadlineExceededError):
             late.result(timeout=30)
-        assert engine.kv.free_rows == 1
-        inflight = engine.submit(GenerationRequest(prompt=PROMPTS[0], sampling=greedy(20)))
-        stopper = threading.Thread(target=engine.stop, kwargs={"drain_timeout": 30})
-        stopper.start()
-        time.sleep(0.05)
-        with pytest.raises(DrainingError):
-            engine.submit(GenerationRequest(prompt=PROMPTS[0]))
+        assert len(late.state.output_ids) == 1 and engine.kv.free_rows == 1
+        engine.start()
+        with engine.step_lock:  # no step runs while this is held: the drain begins with inflight unfinished
+            inflight = engine.submit(GenerationRequest(prompt=PROMPTS[0], sampling=greedy(20)))
+            stopper = threading.Thread(target=engine.stop, kwargs={"drain_timeout": 30})
+            stopper.start()
+            assert _wait_until(lambda: engine.draining)
+            with pytest.raises(DrainingError):
+                engine.submit(GenerationRequest(prompt=PROMPTS[0]))
+            assert not inflight.state.output_ids
         assert inflight.result(timeout=30).completion_tokens == 20
         stopper.join()
     finally:
         engine.stop(drain_timeout=1)
 
 
-def test_moved_tag_takes_effect_after_ttl(tiny_base: Path, registry_with_adapters, make_adapter) -> None:
+def test_moved_tag_takes_effect_after_ttl(
+    tiny_base: Path, registry_with_adapters, make_adapter, greedy
+) -> None:
     registry, folders = registry_with_adapters
     engine = make_engine(tiny_base, registry, tag_ttl_s=0.0)
     try:
@@ -358,7 +384,7 @@ def test_moved_tag_takes_effect_after_ttl(tiny_base: Path, registry_with_adapter
         engine.stop(drain_timeout=5)
 
 
-def test_admin_tiers_pin_and_listing(engine: Engine) -> None:
+def test_admin_tiers_pin_and_listing(engine: Engine, greedy) -> None:
     status = engine.load_adapter("r16-mlp", "host")
     assert "host" in status.tiers and "device" not in status.tiers and status.rank == 16
     status = engine.pin("r16-mlp")
@@ -422,7 +448,9 @@ class StepRecorder:
 
 
 @pytest.mark.parametrize("policy", ["separate", "mixed"])
-def test_prefill_policy_shapes_the_steps(tiny_base: Path, registry_with_adapters, policy: str) -> None:
+def test_prefill_policy_shapes_the_steps(
+    tiny_base: Path, registry_with_adapters, policy: str, greedy
+) -> None:
     recorder = StepRecorder()
     config = EngineConfig(base=str(tiny_base), quantization="fp32", max_seq_len=96, prefill_policy=policy)
     engine = Engine(config, observer=recorder, registry=registry_with_adapters[0])  # stepped by hand
@@ -443,7 +471,7 @@ def test_prefill_policy_shapes_the_steps(tiny_base: Path, registry_with_adapters
     engine.adapters.close()
 
 
-def test_async_streaming(engine: Engine) -> None:
+def test_async_streaming(engine: Engine, greedy) -> None:
     import asyncio
 
     async def collect() -> list:
@@ -478,7 +506,7 @@ def _stepped_engine(tiny_base: Path, registry, between_layers: bool, **overrides
 
 @pytest.mark.parametrize("between_layers", [True, False])
 def test_a_request_arriving_mid_decode_step_is_prefilled_inside_that_step(
-    tiny_base: Path, registry_with_adapters, between_layers: bool
+    tiny_base: Path, registry_with_adapters, between_layers: bool, greedy
 ) -> None:
     engine = _stepped_engine(tiny_base, registry_with_adapters[0], between_layers)
     names = list(ADAPTER_SPECS)
@@ -533,7 +561,7 @@ def test_the_table_of_known_adapters_stays_bounded_and_keeps_resident_ones(engin
 
 @pytest.mark.parametrize("between_layers", [True, False])
 def test_a_prompt_the_alternation_defers_is_prefilled_inside_the_decode_step(
-    tiny_base: Path, registry_with_adapters, between_layers: bool
+    tiny_base: Path, registry_with_adapters, between_layers: bool, greedy
 ) -> None:
     engine = _stepped_engine(tiny_base, registry_with_adapters[0], between_layers)
     try:
@@ -560,7 +588,7 @@ def test_a_prompt_the_alternation_defers_is_prefilled_inside_the_decode_step(
 
 
 def test_a_one_token_last_prompt_chunk_is_not_prefilled_twice_when_a_request_arrives(
-    tiny_base: Path, registry_with_adapters
+    tiny_base: Path, registry_with_adapters, greedy
 ) -> None:
     """A step holding only a one-token last prompt chunk looks like a decode step; a request arriving
     during it is prefilled between layers, but the step's own chunk must not run again there."""
@@ -598,7 +626,7 @@ def test_a_one_token_last_prompt_chunk_is_not_prefilled_twice_when_a_request_arr
 
 
 def test_a_cached_copy_damaged_behind_unchanged_stats_is_fetched_again(
-    tiny_base: Path, registry_with_adapters
+    tiny_base: Path, registry_with_adapters, greedy
 ) -> None:
     """The disk cache is trusted by file stats; a damaged file whose size and mtime were kept still
     loads correctly: the failed read makes the engine hash the copy again and fetch it anew."""
