@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from bench.adapters import write_adapter
+from loraswap.cli import quiet_third_party_notices
 from loraswap.models import resolve_base
 from loraswap.registry.registry import open_registry
 from loraswap.server.engine import Engine, EngineConfig
@@ -165,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-flight", type=int, default=100, help="distinct adapters in flight for item 5")
     parser.add_argument("--peft-requests", type=int, default=8, help="requests timed through naive PEFT")
     args = parser.parse_args(argv)
+    quiet_third_party_notices()  # the naive-PEFT side imports peft (and through it bitsandbytes)
     base = resolve_base(args.base)
     work = Path(tempfile.mkdtemp(prefix="loraswap-bench-"))
     registry = open_registry(work / "registry")

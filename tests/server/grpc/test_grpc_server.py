@@ -294,14 +294,19 @@ def test_client_cancellation_frees_the_batch_slot(stack: Stack, client: Client) 
     request = inference_pb2.GenerateRequest(
         prompt="The quick", max_new_tokens=240, sampling=inference_pb2.SamplingParameters(ignore_eos=True)
     )
+    engine = stack.engine
     before = sample(stack, "loraswap_inter_token_latency_seconds_count")
     call = stub.GenerateStream(request, timeout=60)
     next(call), next(call)
-    assert stack.engine.kv.free_rows < stack.engine.config.max_batch_size
-    call.cancel()
-    assert wait_for(lambda: stack.engine.kv.free_rows == stack.engine.config.max_batch_size, timeout=5)
-    time.sleep(0.2)
-    assert sample(stack, "loraswap_inter_token_latency_seconds_count") - before < 230
+    with engine.step_lock:  # no step runs until the cancellation has reached the engine
+        [state] = engine._running
+        call.cancel()
+        assert wait_for(state.cancelled.is_set, timeout=10)
+        emitted = len(state.output_ids)
+    assert wait_for(lambda: engine.kv.free_rows == engine.config.max_batch_size, timeout=10)
+    assert len(state.output_ids) == emitted < 240  # dropped at the next step: no token after the cancel
+    inter_token = sample(stack, "loraswap_inter_token_latency_seconds_count") - before
+    assert inter_token == emitted - 1
     labels = {"method": "/loraswap.v1.Inference/GenerateStream", "code": "CANCELLED"}
     assert wait_for(lambda: sample(stack, "loraswap_requests_total", labels) >= 1)
 
@@ -497,16 +502,17 @@ def test_drain_finishes_in_flight_and_refuses_new(tiny_base: Path, registry_root
     server, _, target = start_server(settings, engine)
     with Client(target, timeout=60) as c:
         health = health_pb2_grpc.HealthStub(c.channel)
-        stream = c.stream("The quick", sampling=greedy(1000))  # >= 0.8 s
+        stream = c.stream("The quick", sampling=greedy(1000))
         first = next(stream)
-        stopper = threading.Thread(target=server.shutdown, args=(10.0,))
-        stopper.start()
-        assert wait_for(lambda: engine.draining, timeout=5)
-        check = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
-        assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
-        with pytest.raises(ServerError) as info:
-            c.generate("hi", sampling=greedy(2))
-        assert info.value.code == grpc.StatusCode.UNAVAILABLE
+        with engine.step_lock:  # the stream cannot finish while the drain is checked
+            stopper = threading.Thread(target=server.shutdown, args=(10.0,))
+            stopper.start()
+            assert wait_for(lambda: engine.draining, timeout=5)
+            check = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(ServerError) as info:
+                c.generate("hi", sampling=greedy(2))
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
         rest = list(stream)
         stopper.join(timeout=20)
     assert rest[-1].result is not None and rest[-1].result.completion_tokens == 1000
