@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from loraswap.errors import InvalidArgumentError
+from loraswap.models.base import no_progress_bars
 from loraswap.trainer.config import TrainConfig
 
 ADAPTER_NAME = "default"
@@ -65,7 +66,8 @@ def _load_full_precision(config: TrainConfig, base_path: Path, device) -> Any:
     from transformers import AutoModelForCausalLM
 
     dtype = "auto" if config.dtype == "auto" else getattr(torch, config.dtype)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
+    with no_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
     if config.gradient_checkpointing:
         _checkpoint_activations(model)
     return model
@@ -91,12 +93,13 @@ def _load_4bit(config: TrainConfig, base_path: Path, device) -> Any:
 
     from loraswap.models.quantization import bnb_config
 
-    model = AutoModelForCausalLM.from_pretrained(
-        base_path,
-        quantization_config=bnb_config("nf4"),
-        dtype=torch.bfloat16,
-        device_map={"": device.index or 0},
-    )
+    with no_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(
+            base_path,
+            quantization_config=bnb_config("nf4"),
+            dtype=torch.bfloat16,
+            device_map={"": device.index or 0},
+        )
     # PEFT would call the deprecated gradient_checkpointing_enable: checkpointing is enabled here instead.
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if config.gradient_checkpointing:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,3 +59,18 @@ def resolve_base(spec: str | Path | None) -> BaseModelRef:
         )
     model_id = config.get("_name_or_path") or path.resolve().name
     return BaseModelRef(str(model_id), path.resolve())
+
+
+@contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' progress bars off while a model loads (no "Loading weights" bar in a server's log or
+    between a training run's own lines), then as they were."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()

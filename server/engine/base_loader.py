@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +10,7 @@ from torch import nn
 
 from loraswap.errors import InvalidArgumentError
 from loraswap.models import BaseModelRef
+from loraswap.models.base import no_progress_bars
 from loraswap.models.quantization import bnb_config
 
 log = logging.getLogger(__name__)
@@ -43,21 +42,6 @@ def default_quantization(device: torch.device) -> str:
     return "nf4" if device.type == "cuda" else "bf16"
 
 
-@contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """transformers' progress bars off while loading (a server's log gets no "Loading weights" bar), then
-    as they were."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
 def load_base(ref: BaseModelRef, quantization: str, device: torch.device) -> LoadedBase:
     """Load ``ref`` once. Quantized variants go through bitsandbytes; the others are plain dtypes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -65,12 +49,12 @@ def load_base(ref: BaseModelRef, quantization: str, device: torch.device) -> Loa
     tokenizer = AutoTokenizer.from_pretrained(ref.path)
     if quantization in _DTYPES:
         dtype = _DTYPES[quantization]
-        with _no_progress_bars():
+        with no_progress_bars():
             model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=dtype).to(device)
     elif quantization in ("nf4", "int8"):
         dtype = torch.bfloat16
         config = bnb_config(quantization)
-        with _no_progress_bars():
+        with no_progress_bars():
             model = AutoModelForCausalLM.from_pretrained(
                 ref.path, dtype=dtype, quantization_config=config, device_map={"": str(device)}
             )
