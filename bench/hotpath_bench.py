@@ -1,9 +1,9 @@
 """Engine hot path, before vs after in one run: detokenization of a reply and sampling of a batch.
 
 Run: ``python -m bench.hotpath_bench [--device cpu|cuda] [--steps N]``. Prints a table. The "before" side
-is the previous code, copied below (``Before*`` / ``before_*``) so that both run in one process on the
-same inputs: the re-decoding ``TextStream`` and the per-row ``sample_token`` loop with the engine's
-``prompt_ids + output_ids`` copy per token.
+is the previous code, so that both run in one process on the same inputs: the re-decoding ``TextStream``
+(copied below as ``BeforeTextStream``) and the per-row ``sample_token`` loop (the sampler's reference,
+which is the previous code unchanged) with the engine's ``prompt_ids + output_ids`` copy per token.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from loraswap.device import pick_device
 from loraswap.models import resolve_base
 from loraswap.server.engine.api import SamplingParams
 from loraswap.server.engine.detok import TextStream
-from loraswap.server.engine.sampling import SamplerState, make_generator, sample_batch
+from loraswap.server.engine.sampling import SamplerState, make_generator, sample_batch, sample_token
 
 REPLY = (
     "Sure! Here is a short answer. LoRA adapters are small low-rank updates (rank 8-64) to a frozen base "
@@ -73,45 +73,6 @@ class BeforeTextStream:
                     longest = max(longest, n)
                     break
         return longest
-
-
-def before_apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
-    """BEFORE (previous ``sampling.apply_repetition_penalty``)."""
-    if penalty == 1.0 or not seen:
-        return logits
-    index = torch.tensor(sorted(set(seen)), dtype=torch.long, device=logits.device)
-    picked = logits.index_select(0, index)
-    logits = logits.clone()
-    logits[index] = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits
-
-
-def before_filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """BEFORE (previous ``sampling.filter_top_k_top_p``)."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return logits
-
-
-def before_sample_token(
-    logits: torch.Tensor, params: SamplingParams, seen: list[int], generator: torch.Generator | None
-) -> int:
-    """BEFORE (previous ``sampling.sample_token``): one row, one device-to-host sync."""
-    logits = before_apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.temperature == 0.0:
-        return int(torch.argmax(logits))
-    logits = before_filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    probs = torch.softmax(logits.float().cpu(), dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-# -- measurements ---------------------------------------------------------------------------------
 
 
 def reply_ids(tokenizer, n: int) -> list[int]:
@@ -169,7 +130,7 @@ def sampling_seconds(
         _sync(device)
         start = time.perf_counter()
         for row, p in enumerate(params):  # what Engine._advance did per row
-            token = before_sample_token(logits[row], p, prompts[row] + outputs[row], generators[row])
+            token = sample_token(logits[row], p, prompts[row] + outputs[row], generators[row])
             outputs[row].append(token)
         before.append(time.perf_counter() - start)
         _sync(device)
