@@ -15,6 +15,9 @@ REF_HELP = "adapter reference: NAME (= NAME:latest), NAME:TAG or NAME@sha256:HEX
 EPILOG = """\
 S3: endpoint from $LORASWAP_S3_ENDPOINT or $AWS_ENDPOINT_URL, credentials from the standard AWS
 variables; add ?conditional=false to an s3:// URL for stores that ignore If-Match/If-None-Match.
+refused (one line naming the problem, exit code 1, the store unchanged): links, pipes or devices in a
+pushed folder; a pull into a file, a link or a non-empty folder (without --force); names, tags and
+references that do not match their pattern exactly; adapters that fail validation.
 examples:
   loraswap registry push ./out/adapter --name support-bot --tag prod --base default
   loraswap registry pull support-bot:prod ./adapter
@@ -56,7 +59,13 @@ def _add_push(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
         help="base model ('default' or an HF folder): check the adapter fits it, record its fingerprint",
     )
     push.add_argument("--description", metavar="TEXT", help="free text kept with the version")
-    push.add_argument("--max-bytes", type=int, metavar="N", help="largest adapter accepted (default 2 GiB)")
+    push.add_argument(
+        "--max-bytes",
+        type=int,
+        metavar="N",
+        help="largest adapter accepted, a positive number of bytes "
+        "(default: $LORASWAP_MAX_ADAPTER_BYTES, else 2 GiB)",
+    )
     push.set_defaults(func=_push)
 
 
@@ -64,7 +73,23 @@ def _add_read_actions(sub: argparse._SubParsersAction, common: argparse.Argument
     pull = sub.add_parser("pull", parents=[common], help="download a version (verified, cached)")
     pull.add_argument("ref", metavar="REF", help=REF_HELP)
     pull.add_argument(
-        "dest", metavar="DEST", nargs="?", type=Path, help="copy the files here (default: cache)"
+        "dest",
+        metavar="DEST",
+        nargs="?",
+        type=Path,
+        help="copy the files into this new or empty folder (never a link or a file; default: cache only)",
+    )
+    pull.add_argument(
+        "--force",
+        action="store_true",
+        help="DEST may hold other files: replace the adapter's files there (adapter_config.json, "
+        "adapter_model.safetensors, README.md, training_metadata.json: written to temporary names, then "
+        "renamed; links are replaced, never followed), remove those this version lacks, leave the rest",
+    )
+    pull.add_argument(
+        "--rehash",
+        action="store_true",
+        help="hash the cached copy in full even if its file stats are unchanged (damage stat cannot see)",
     )
     pull.set_defaults(func=_pull)
     listing = sub.add_parser("list", parents=[common], help="list adapters, versions and tags")
@@ -79,6 +104,12 @@ def _add_read_actions(sub: argparse._SubParsersAction, common: argparse.Argument
     show.set_defaults(func=_show)
     verify = sub.add_parser(
         "verify", parents=[common], help="re-hash everything; exit 1 if anything is corrupt"
+    )
+    verify.add_argument(
+        "--cache",
+        action="store_true",
+        help="re-hash the local adapter cache instead of the registry; damaged copies are removed "
+        "(their next pull fetches them again)",
     )
     verify.set_defaults(func=_verify)
 
@@ -116,7 +147,7 @@ def _push(args: argparse.Namespace) -> int:
     from loraswap.models import resolve_base
 
     base = resolve_base(args.base) if args.base else None
-    options = {"max_bytes": args.max_bytes} if args.max_bytes else {}
+    options = {"max_bytes": args.max_bytes} if args.max_bytes is not None else {}
     manifest = _open(args, **options).push(args.folder, args.name, args.tag, base, args.description)
     tags = ", ".join(dict.fromkeys(["latest", *args.tag]))
     print(f"pushed {manifest.name}@{manifest.digest} ({manifest.size} bytes; tags: {tags})")
@@ -124,22 +155,34 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    print(_open(args).pull(args.ref, args.dest))
+    from loraswap.errors import InvalidArgumentError
+
+    if args.force and args.dest is None:
+        raise InvalidArgumentError("--force needs a DEST folder")
+    print(_open(args).pull(args.ref, args.dest, rehash=args.rehash, force=args.force))
     return 0
 
 
+def _warn(problems: list[str]) -> int:
+    """Print skipped entries to stderr; the exit code (1 if there were any)."""
+    for problem in problems:
+        print(f"loraswap: warning: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def _list(args: argparse.Namespace) -> int:
-    entries = _open(args).list(args.name)
+    problems: list[str] = []
+    entries = _open(args).list(args.name, on_problem=problems.append)
     if args.json:
         rows = [{**e.manifest.to_dict(), "tags": list(e.tags)} for e in entries]
         print(json.dumps(rows, indent=2))
-        return 0
+        return _warn(problems)
     print(f"{'NAME':<24} {'DIGEST':<19} {'RANK':>4} {'SIZE':>10}  {'CREATED':<25} TAGS")
     for entry in entries:
         m = entry.manifest
         short = m.digest[:19]
         print(f"{m.name:<24} {short:<19} {m.rank:>4} {m.size:>10}  {m.created:<25} {','.join(entry.tags)}")
-    return 0
+    return _warn(problems)
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -191,11 +234,13 @@ def _gc(args: argparse.Namespace) -> int:
         f"removed {len(report.removed)} blobs ({report.freed_bytes} bytes); "
         f"kept {report.kept_young} unreferenced blobs younger than {args.grace:g}s"
     )
-    return 0
+    return _warn(report.problems)
 
 
 def _verify(args: argparse.Namespace) -> int:
     registry = _open(args)
+    if args.cache:
+        return _verify_cache(registry)
     problems = registry.verify()
     for problem in problems:
         print(problem)
@@ -203,4 +248,20 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"loraswap: error: {len(problems)} problems in {registry.url}", file=sys.stderr)
         return 1
     print(f"{registry.url}: ok")
+    return 0
+
+
+def _verify_cache(registry) -> int:
+    from loraswap import paths
+
+    report = registry.verify_cache()
+    for problem in report.problems:
+        print(problem)
+    for digest in report.unverified:
+        print(f"cached version {digest}: no manifest found to check it against; its next pull hashes it")
+    cache = paths.adapter_cache_dir()
+    if report.problems:
+        print(f"loraswap: error: {len(report.problems)} damaged versions in {cache}", file=sys.stderr)
+        return 1
+    print(f"{cache}: ok ({len(report.intact)} versions hashed)")
     return 0

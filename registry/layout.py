@@ -16,7 +16,7 @@ import time
 import uuid
 
 from loraswap.errors import IntegrityError
-from loraswap.registry.names import NAME_RE, TAG_RE, check_name, check_tag, digest_hex
+from loraswap.registry.names import DIGEST_RE, HEX_RE, NAME_RE, TAG_RE, check_name, check_tag, digest_hex
 
 BLOBS = "blobs/sha256/"
 ADAPTERS = "adapters/"
@@ -43,13 +43,14 @@ def tag_key(name: str, tag: str) -> str:
 
 
 def split_adapter_key(key: str) -> tuple[str, str, str] | None:
-    """``adapters/<name>/<kind>/<leaf>`` → (name, kind, leaf); ``None`` for keys of another shape."""
+    """``adapters/<name>/<kind>/<leaf>`` → (name, kind, leaf); ``None`` for keys of another shape (a
+    name or tag that is not valid, a manifest whose name is not 64 lower-case hex digits)."""
     parts = key.split("/")
-    if len(parts) != 4 or parts[0] != ADAPTERS.rstrip("/") or not NAME_RE.match(parts[1]):
+    if len(parts) != 4 or parts[0] != ADAPTERS.rstrip("/") or not NAME_RE.fullmatch(parts[1]):
         return None
-    if parts[2] == "tags" and TAG_RE.match(parts[3]):
+    if parts[2] == "tags" and TAG_RE.fullmatch(parts[3]):
         return parts[1], parts[2], parts[3]
-    if parts[2] == "manifests" and len(parts[3]) == 64:
+    if parts[2] == "manifests" and HEX_RE.fullmatch(parts[3]):
         return parts[1], parts[2], parts[3]
     return None
 
@@ -61,8 +62,11 @@ def tag_document(digest: str) -> bytes:
 
 
 def tag_target(data: bytes, key: str) -> str:
-    """The digest a tag document points at."""
+    """The digest a tag document points at; :class:`IntegrityError` unless it is a ``sha256:<hex>``."""
     try:
-        return str(json.loads(data)["digest"])
-    except (ValueError, KeyError, TypeError):
+        digest = json.loads(data)["digest"]
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise IntegrityError(f"tag {key} is unreadable") from None
+    if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
+        raise IntegrityError(f"tag {key} is unreadable: {str(digest)[:80]!r} is not a digest")
+    return digest

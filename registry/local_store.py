@@ -4,7 +4,10 @@ Atomicity rules:
 
 * every write goes to a temporary file under ``<root>/.tmp/`` first, then is published with
   ``os.replace`` (put) or ``os.link`` (put-if-absent: the link fails if the key exists), so a reader
-  never sees a half-written object and a killed writer leaves only a temp file;
+  never sees a half-written object and a killed writer leaves only a temp file. The writer holds an
+  exclusive ``flock`` on its temp file until it is published, and :meth:`LocalStore.remove_stale_temp`
+  (``gc``) skips a locked one, so ``gc`` (even ``--grace 0``) never removes a write in progress: only the
+  leftovers of killed writers, whose locks the kernel dropped;
 * compare-and-swap and conditional delete hold an exclusive ``fcntl.flock`` on a per-key lock file under
   ``<root>/.locks/`` while they compare and publish (works across threads and processes on one host);
 * an object's etag is the sha256 of its content (tag files carry a per-write nonce, so no ABA).
@@ -22,8 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from loraswap.errors import ConflictError, NotFoundError
-from loraswap.registry.store import ObjectInfo, ObjectStore, Progress, check_key
+from loraswap.adapter_format import open_adapter_file
+from loraswap.errors import ConflictError, InvalidArgumentError, NotFoundError
+from loraswap.registry.store import ObjectInfo, ObjectStore, Progress, StoreError, check_key
 
 _CHUNK = 1 << 20
 
@@ -38,29 +42,57 @@ class LocalStore(ObjectStore):
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
         self.url = f"file://{self.root}"
-        for folder in (self.root, self.root / ".tmp", self.root / ".locks"):
-            folder.mkdir(parents=True, exist_ok=True)
+        try:
+            for folder in (self.root, self.root / ".tmp", self.root / ".locks"):
+                folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidArgumentError(
+                f"registry {self.url} cannot be used: {exc.strerror or exc} ({exc.filename or folder})"
+            ) from None
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
-    def _write_temp(self, data: bytes | Path, progress: Progress | None) -> Path:
-        """Write ``data`` to a fresh temporary file (fsynced) and return its path."""
-        temp = self.root / ".tmp" / uuid.uuid4().hex
-        with open(temp, "xb") as out:
-            if isinstance(data, bytes | bytearray):
-                out.write(data)
-                if progress:
-                    progress(len(data))
-            else:
-                with open(data, "rb") as src:
-                    while chunk := src.read(_CHUNK):
-                        out.write(chunk)
-                        if progress:
-                            progress(len(chunk))
-            out.flush()
-            os.fsync(out.fileno())
-        return temp
+    @contextlib.contextmanager
+    def _temp_file(self, data: bytes | Path, progress: Progress | None) -> Iterator[Path]:
+        """A fresh temporary file holding ``data`` (fsynced), locked against ``gc`` while in use; it is
+        removed afterwards unless the caller renamed it away."""
+        for _ in range(3):
+            temp = self.root / ".tmp" / uuid.uuid4().hex
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+            out = os.fdopen(fd, "wb")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:  # gc removes a temp file only while it holds its lock: is the name still ours?
+                still_ours = os.stat(temp).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                still_ours = False
+            if still_ours:
+                break
+            out.close()  # a gc removed it between its creation and the lock: take another name
+        else:
+            raise StoreError(f"{self.url}: cannot create a temporary file (removed three times by gc)")
+        try:
+            with out:
+                self._fill(out, data, progress)
+                yield temp
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+
+    @staticmethod
+    def _fill(out: BinaryIO, data: bytes | Path, progress: Progress | None) -> None:
+        if isinstance(data, bytes | bytearray):
+            out.write(data)
+            if progress:
+                progress(len(data))
+        else:
+            with open_adapter_file(data) as src:
+                while chunk := src.read(_CHUNK):
+                    out.write(chunk)
+                    if progress:
+                        progress(len(chunk))
+        out.flush()
+        os.fsync(out.fileno())
 
     @contextlib.contextmanager
     def _locked(self, key: str) -> Iterator[None]:
@@ -73,10 +105,11 @@ class LocalStore(ObjectStore):
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def read(self, key: str) -> tuple[bytes, str]:
-        try:
-            data = self._path(key).read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
-            raise NotFoundError(f"{key} not found in {self.url}") from None
+        with self.open(key) as handle:
+            try:
+                data = handle.read()
+            except OSError as exc:
+                raise StoreError(f"{key} in {self.url} cannot be read: {exc.strerror or exc}") from None
         return data, _etag(data)
 
     def open(self, key: str) -> BinaryIO:
@@ -84,25 +117,25 @@ class LocalStore(ObjectStore):
             return open(self._path(key), "rb")
         except (FileNotFoundError, NotADirectoryError):
             raise NotFoundError(f"{key} not found in {self.url}") from None
+        except OSError as exc:  # a folder where an object belongs, permissions
+            raise StoreError(f"{key} in {self.url} cannot be read: {exc.strerror or exc}") from None
 
     def put(self, key: str, data: bytes | Path, progress: Progress | None = None) -> None:
         path = self._path(key)
-        temp = self._write_temp(data, progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(temp, path)
+        with self._temp_file(data, progress) as temp:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temp, path)
 
     def put_if_absent(self, key: str, data: bytes | Path, progress: Progress | None = None) -> bool:
         path = self._path(key)
         if path.exists():
             return False
-        temp = self._write_temp(data, progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(temp, path)
-        except FileExistsError:
-            return False
-        finally:
-            temp.unlink()
+        with self._temp_file(data, progress) as temp:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                return False
         return True
 
     def _current_etag(self, key: str) -> str | None:
@@ -117,9 +150,9 @@ class LocalStore(ObjectStore):
             current = self._current_etag(key)
             if current != expected:
                 raise ConflictError(f"{key} was changed by another writer; re-read and retry")
-            temp = self._write_temp(data, None)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temp, path)
+            with self._temp_file(data, None) as temp:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(temp, path)
         return _etag(data)
 
     def delete(self, key: str, expected: str | None = None) -> None:
@@ -161,11 +194,33 @@ class LocalStore(ObjectStore):
             os.utime(self._path(key))
 
     def remove_stale_temp(self, older_than: float) -> int:
-        """Delete temporary files of killed writers older than ``older_than`` (epoch seconds)."""
+        """Delete temporary files of killed writers older than ``older_than`` (epoch seconds).
+
+        A temp file whose writer is alive is locked by it and skipped, whatever its age; one is removed
+        only while this call holds its lock.
+        """
         removed = 0
         for temp in (self.root / ".tmp").iterdir():
             with contextlib.suppress(FileNotFoundError):
-                if temp.stat().st_mtime < older_than:
-                    shutil.rmtree(temp) if temp.is_dir() else temp.unlink()
-                    removed += 1
+                if temp.is_symlink() or temp.is_dir():
+                    if temp.lstat().st_mtime < older_than:
+                        shutil.rmtree(temp) if not temp.is_symlink() else temp.unlink()
+                        removed += 1
+                    continue
+                removed += self._remove_if_unlocked(temp, older_than)
         return removed
+
+    @staticmethod
+    def _remove_if_unlocked(temp: Path, older_than: float) -> int:
+        fd = os.open(temp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # its writer is alive
+            if os.fstat(fd).st_mtime >= older_than or os.stat(temp).st_ino != os.fstat(fd).st_ino:
+                return 0
+            temp.unlink()
+            return 1
+        finally:
+            os.close(fd)

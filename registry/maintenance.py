@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
+import re
 import time
 from dataclasses import dataclass, field
 
-from loraswap.errors import IntegrityError, NotFoundError
+from loraswap.errors import IntegrityError, InvalidArgumentError, LoraswapError, NotFoundError
 from loraswap.registry.layout import ADAPTERS, BLOBS, blob_key, manifest_key, split_adapter_key, tag_target
 from loraswap.registry.manifest import Manifest
+from loraswap.registry.names import HEX_RE
 from loraswap.registry.store import ObjectStore
 
 DEFAULT_GC_GRACE_SECONDS = 3600.0
+_DIGEST_IN_TEXT = re.compile(rb"sha256:([0-9a-f]{64})")
 
 
 @dataclass
@@ -28,16 +32,19 @@ class GcReport:
         freed_bytes: Their total size.
         kept_young: Unreferenced blobs kept because they are younger than the grace period.
         temp_removed: Temporary files of killed writers removed.
+        problems: Manifests that could not be read (one line each). A damaged manifest keeps every blob
+            its bytes still name; one that cannot be read at all stops every blob deletion of this run.
     """
 
     removed: list[str] = field(default_factory=list)
     freed_bytes: int = 0
     kept_young: int = 0
     temp_removed: int = 0
+    problems: list[str] = field(default_factory=list)
 
 
 def _manifest_keys(store: ObjectStore) -> list[tuple[str, str]]:
-    """(name, hex) of every stored manifest."""
+    """(name, hex) of every stored manifest (keys of another shape are left to ``verify``)."""
     found = []
     for info in store.list(ADAPTERS):
         parts = split_adapter_key(info.key)
@@ -46,25 +53,49 @@ def _manifest_keys(store: ObjectStore) -> list[tuple[str, str]]:
     return found
 
 
-def referenced_blobs(store: ObjectStore) -> set[str]:
-    """Digests of every blob some manifest lists; :class:`IntegrityError` if a manifest is unreadable."""
+def referenced_blobs(store: ObjectStore) -> tuple[set[str], list[str], bool]:
+    """Digests of every blob some manifest lists, a problem line per unreadable manifest, and whether
+    every manifest could be read at all (if not, which blobs are referenced is unknown)."""
     referenced: set[str] = set()
+    problems: list[str] = []
+    complete = True
     for name, hex_digest in _manifest_keys(store):
-        with contextlib.suppress(NotFoundError):  # removed meanwhile
-            data = store.get(manifest_key(name, "sha256:" + hex_digest))
-            manifest = Manifest.from_bytes(data, "sha256:" + hex_digest)
-            referenced.update(entry.digest for entry in manifest.files)
-    return referenced
+        digest = "sha256:" + hex_digest
+        try:
+            data = store.get(manifest_key(name, digest))
+        except NotFoundError:  # removed meanwhile
+            continue
+        except LoraswapError as exc:
+            problems.append(f"{name}@{digest}: {exc}; no blob is deleted while it cannot be read")
+            complete = False
+            continue
+        try:
+            manifest = Manifest.from_bytes(data, digest)
+        except IntegrityError as exc:
+            problems.append(f"{name}@{digest}: {exc}; the blobs its bytes still name are kept")
+            referenced.update("sha256:" + hex_.decode() for hex_ in _DIGEST_IN_TEXT.findall(data))
+            continue
+        referenced.update(entry.digest for entry in manifest.files)
+    return referenced, problems, complete
 
 
 def collect_garbage(store: ObjectStore, grace_seconds: float = DEFAULT_GC_GRACE_SECONDS) -> GcReport:
-    """Delete blobs no manifest references and older than ``grace_seconds``."""
+    """Delete blobs no manifest references and older than ``grace_seconds``.
+
+    Raises:
+        InvalidArgumentError: ``grace_seconds`` is negative or not a finite number.
+    """
+    if isinstance(grace_seconds, bool) or not isinstance(grace_seconds, int | float):
+        raise InvalidArgumentError(f"gc grace must be a number of seconds, got {grace_seconds!r}")
+    if not math.isfinite(grace_seconds) or grace_seconds < 0:
+        raise InvalidArgumentError(f"gc grace must be a finite number of seconds >= 0, got {grace_seconds!r}")
     report = GcReport()
-    referenced = referenced_blobs(store)
+    referenced, report.problems, complete = referenced_blobs(store)
     now = time.time()
-    for info in list(store.list(BLOBS)):
-        digest = "sha256:" + info.key.rsplit("/", 1)[-1]
-        if digest in referenced:
+    for info in list(store.list(BLOBS)) if complete else []:
+        hex_digest = info.key.rsplit("/", 1)[-1]
+        digest = "sha256:" + hex_digest
+        if digest in referenced or not HEX_RE.fullmatch(hex_digest):  # not a blob: left to verify
             continue
         current = store.stat(info.key)  # re-read: a push may have touched it since the listing
         if current is None:
@@ -79,35 +110,49 @@ def collect_garbage(store: ObjectStore, grace_seconds: float = DEFAULT_GC_GRACE_
     return report
 
 
-def _blob_problems(store: ObjectStore) -> tuple[dict[str, int], list[str]]:
-    """Re-hash every blob; return (digest → size of the good ones, problems).
+def _blob_problems(store: ObjectStore) -> tuple[dict[str, int], set[str], list[str]]:
+    """Re-hash every blob; return (digest → size of the good ones, digests of the bad ones, problems).
 
     A good blob's size is the size the store lists: its content hashed to its name, so it is the content
-    the manifests' sizes describe.
+    the manifests' sizes describe. A blob that cannot be read is a problem of its own; the others are
+    still checked.
     """
     sizes: dict[str, int] = {}
+    bad: set[str] = set()
     problems = []
     for info in store.list(BLOBS):
-        expected = "sha256:" + info.key.rsplit("/", 1)[-1]
-        with contextlib.closing(store.open(info.key)) as stream:
-            actual = "sha256:" + hashlib.file_digest(stream, "sha256").hexdigest()
+        hex_digest = info.key.rsplit("/", 1)[-1]
+        expected = "sha256:" + hex_digest
+        if "/" in info.key[len(BLOBS) :] or not HEX_RE.fullmatch(hex_digest):
+            problems.append(f"{info.key!r} is not a blob (its name must be 64 lower-case hex digits)")
+            continue
+        try:
+            with contextlib.closing(store.open(info.key)) as stream:
+                actual = "sha256:" + hashlib.file_digest(stream, "sha256").hexdigest()
+        except NotFoundError:  # removed meanwhile (gc)
+            continue
+        except LoraswapError as exc:
+            problems.append(f"blob {expected} cannot be read: {exc}")
+            bad.add(expected)
+            continue
         if actual != expected:
             problems.append(f"blob {expected} is corrupt: its content hashes to {actual}")
+            bad.add(expected)
         else:
             sizes[expected] = info.size
-    return sizes, problems
+    return sizes, bad, problems
 
 
 def verify_store(store: ObjectStore) -> list[str]:
-    """Every problem in the store: corrupt blobs and manifests, missing blobs, dangling tags."""
-    sizes, problems = _blob_problems(store)
-    corrupt = {p.split()[1] for p in problems}
+    """Every problem in the store: corrupt or unreadable blobs and manifests, missing blobs, dangling
+    tags, and keys that fit no part of the layout. One bad entry never stops the check of the others."""
+    sizes, corrupt, problems = _blob_problems(store)
     versions: set[tuple[str, str]] = set()
     for name, hex_digest in _manifest_keys(store):
         digest = "sha256:" + hex_digest
         try:
             manifest = Manifest.from_bytes(store.get(manifest_key(name, digest)), digest)
-        except (IntegrityError, NotFoundError) as exc:
+        except LoraswapError as exc:
             problems.append(f"{name}@{digest}: {exc}")
             continue
         versions.add((name, digest))
@@ -120,11 +165,19 @@ def verify_store(store: ObjectStore) -> list[str]:
                 problems.append(f"{name}@{digest}: {entry.path} has the wrong size")
     for info in store.list(ADAPTERS):
         parts = split_adapter_key(info.key)
-        if not parts or parts[1] != "tags":
+        if not parts:
+            problems.append(
+                f"{info.key!r} is not a registry key (an invalid name or tag, or a manifest whose name "
+                "is not a digest); every command ignores it"
+            )
+            continue
+        if parts[1] != "tags":
             continue
         try:
             target = tag_target(store.get(info.key), info.key)
-        except (IntegrityError, NotFoundError) as exc:
+        except NotFoundError:  # removed meanwhile
+            continue
+        except LoraswapError as exc:
             problems.append(str(exc))
             continue
         if (parts[0], target) not in versions:

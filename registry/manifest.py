@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +25,11 @@ MEDIA_TYPE = "application/vnd.loraswap.adapter.manifest.v1+json"
 
 
 def canonical_json(value: Any) -> bytes:
-    """The one serialisation that is hashed: sorted keys, compact separators, UTF-8."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """The one serialisation that is hashed: sorted keys, compact separators, UTF-8, strict JSON (a
+    NaN or Infinity raises ``ValueError``: validation refuses them before a manifest is built)."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode()
 
 
 def sha256_digest(data: bytes) -> str:
@@ -127,34 +131,64 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes, expected_digest: str | None = None) -> Manifest:
-        """Parse a stored document; :class:`IntegrityError` if unreadable or not ``expected_digest``."""
+        """Parse a stored document; :class:`IntegrityError` if unreadable or not ``expected_digest``.
+
+        Every field must have the type this module writes (a store is not trusted to hold only what
+        loraswap wrote), and the fields must give back the stored content exactly: a manifest naming a
+        path outside the adapter folder, a file twice, a non-finite alpha, a string where a number
+        belongs or another schema is refused as corrupt.
+        """
+        what = f"manifest {expected_digest or ''}".rstrip()
         try:
-            doc = json.loads(data)
+            doc = json.loads(data, parse_constant=_refuse_constant)
             content, notes = doc["content"], doc["annotations"]
             adapter, base = content["adapter"], content["base"]
             manifest = cls(
-                name=notes["name"],
+                name=_typed(notes["name"], str),
                 digest=sha256_digest(canonical_json(content)),
-                files=tuple(FileEntry(f["path"], f["digest"], int(f["size"])) for f in content["files"]),
-                rank=int(adapter["rank"]),
-                alpha=float(adapter["alpha"]),
-                target_modules=tuple(adapter["target_modules"]),
-                use_rslora=bool(adapter["use_rslora"]),
-                dtype=str(adapter["dtype"]),
-                base_model_id=base["model_id"],
-                base_fingerprint=base["fingerprint"],
-                created=notes["created"],
-                description=notes.get("description"),
-                training=content.get("training"),
+                files=tuple(_file_entry(f) for f in _typed(content["files"], list)),
+                rank=_typed(adapter["rank"], int),
+                alpha=float(_typed(adapter["alpha"], int | float)),
+                target_modules=tuple(_typed(t, str) for t in _typed(adapter["target_modules"], list)),
+                use_rslora=_typed(adapter["use_rslora"], bool),
+                dtype=_typed(adapter["dtype"], str),
+                base_model_id=_typed(base["model_id"], str | None),
+                base_fingerprint=_typed(base["fingerprint"], str | None),
+                created=_typed(notes["created"], str),
+                description=_typed(notes.get("description"), str | None),
+                training=_typed(content.get("training"), dict | None),
             )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise IntegrityError(f"manifest {expected_digest or ''} is unreadable: {exc!r}") from None
+        except (ValueError, KeyError, TypeError, RecursionError, OverflowError) as exc:
+            raise IntegrityError(f"{what} is unreadable: {str(exc)[:200]}") from None
+        paths = [entry.path for entry in manifest.files]
         for entry in manifest.files:  # a manifest never names a path outside the adapter folder
-            if entry.path not in ALLOWED_FILES or not DIGEST_RE.match(entry.digest):
+            if entry.path not in ALLOWED_FILES or not DIGEST_RE.fullmatch(entry.digest) or entry.size < 0:
                 raise IntegrityError(f"manifest {manifest.digest} lists a bad file entry {entry}")
+        if len(set(paths)) != len(paths):
+            raise IntegrityError(f"manifest {manifest.digest} lists a file twice")
+        if manifest.rank <= 0 or not math.isfinite(manifest.alpha) or manifest.alpha <= 0:
+            raise IntegrityError(f"manifest {manifest.digest} has a bad rank or alpha")
+        if canonical_json(manifest.content()) != canonical_json(content):  # e.g. another schema version
+            raise IntegrityError(f"manifest {manifest.digest} holds content this version does not write")
         if expected_digest is not None and manifest.digest != expected_digest:
             raise IntegrityError(f"manifest {expected_digest} does not match its content ({manifest.digest})")
         return manifest
+
+
+def _refuse_constant(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def _typed(value: Any, kind: Any) -> Any:
+    """``value`` if it is of ``kind`` (a bool is not an int here), else ``TypeError``."""
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, int | float)):
+        raise TypeError(f"{type(value).__name__} where {kind} belongs")
+    return value
+
+
+def _file_entry(doc: Any) -> FileEntry:
+    entry = _typed(doc, dict)
+    return FileEntry(_typed(entry["path"], str), _typed(entry["digest"], str), _typed(entry["size"], int))
 
 
 def content_of(

@@ -1,6 +1,8 @@
 """Adapter names, tags, digests and references (``name``, ``name:tag``, ``name@sha256:<hex>``).
 
-Rules (checked before any store key is built, so no name, tag or digest can escape the store):
+Rules (checked before any store key is built, so no name, tag or digest can escape the store). Every
+pattern must match the *whole* string (``re.fullmatch``): ``re.match`` with ``$`` would also accept a
+string ending in a newline (``"good\\n"``), which then becomes a folder or key of its own.
 
 * a **name** matches ``[a-z0-9][a-z0-9._-]{0,63}`` (lower case, like OCI repository names) and is not
   made of dots only;
@@ -17,21 +19,23 @@ from dataclasses import dataclass
 from loraswap.errors import InvalidArgumentError
 
 LATEST = "latest"
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+# Used with ``fullmatch`` only.
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+HEX_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def name_problem(name: str) -> str | None:
     """Why ``name`` is not a valid adapter name, or ``None``."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or set(name) == {"."}:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or set(name) == {"."}:
         return f"invalid adapter name {name!r}: use 1-64 of [a-z0-9._-], starting with a letter or digit"
     return None
 
 
 def tag_problem(tag: str) -> str | None:
     """Why ``tag`` is not a valid tag, or ``None``."""
-    if not isinstance(tag, str) or not TAG_RE.match(tag):
+    if not isinstance(tag, str) or not TAG_RE.fullmatch(tag):
         return f"invalid tag {tag!r}: use 1-128 of [A-Za-z0-9._-], not starting with '.' or '-'"
     return None
 
@@ -54,7 +58,7 @@ def check_tag(tag: str) -> str:
 
 def check_digest(digest: str) -> str:
     """Return ``digest`` (``sha256:<64 hex>``) or raise :class:`InvalidArgumentError`."""
-    if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+    if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
         raise InvalidArgumentError(f"invalid digest {digest!r}: expected sha256:<64 lower-case hex digits>")
     return digest
 

@@ -17,23 +17,34 @@ client never writes), or forced with ``conditional=`` / ``?conditional=false`` i
   tag writes; it cannot give the guarantee of a real conditional write, so prefer a store that honours
   them.
 
-Blobs are uploaded with ``upload_file`` (multipart for big files; the object appears only once complete).
-They are content-addressed, so "put if absent" on a file is a HEAD then an upload: two writers racing
-write the same bytes.
+Blobs are uploaded with ``upload_fileobj`` from a file opened by
+:func:`~loraswap.adapter_format.open_adapter_file` (a regular file, never through a link; multipart for
+big files; the object appears only once complete). They are content-addressed, so "put if absent" on a
+file is a HEAD then an upload: two writers racing write the same bytes.
+
+``touch`` (a reused blob made young for ``gc``) copies the object onto itself with new metadata and asks
+for a fresh ``CRC32`` checksum of the copy: a plain copy of a multipart object keeps its per-part
+("composite") checksum on some stores (moto) and then serves it as a whole-object checksum, which
+botocore's default response validation rejects. A read whose checksum fails is an
+:class:`~loraswap.errors.IntegrityError`, any other failure while reading a body a :class:`StoreError`:
+never a botocore exception.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from loraswap.errors import ConflictError, LoraswapError, NotFoundError
-from loraswap.registry.store import ObjectInfo, ObjectStore, Progress, check_key
+from loraswap.adapter_format import open_adapter_file
+from loraswap.errors import ConflictError, IntegrityError, NotFoundError
+from loraswap.registry.store import ObjectInfo, ObjectStore, Progress, StoreError, check_key
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +52,6 @@ _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _CONFLICT = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 _NONCE = "loraswap-writer"
 _PROBE_KEY = ".loraswap/probe"
-
-
-class StoreError(LoraswapError):
-    """The object store failed (network, permissions, missing bucket)."""
 
 
 def _code(exc: Exception) -> str:
@@ -131,11 +138,12 @@ class S3Store(ObjectStore):
 
     def read(self, key: str) -> tuple[bytes, str]:
         response = self._call("get_object", Bucket=self.bucket, Key=self._full(check_key(key)))
-        with response["Body"] as body:
+        with _Body(response["Body"], f"{key} in {self.url}") as body:
             return body.read(), response["ETag"]
 
     def open(self, key: str) -> BinaryIO:
-        return self._call("get_object", Bucket=self.bucket, Key=self._full(check_key(key)))["Body"]
+        response = self._call("get_object", Bucket=self.bucket, Key=self._full(check_key(key)))
+        return _Body(response["Body"], f"{key} in {self.url}")  # type: ignore[return-value]
 
     def _upload(self, key: str, data: bytes | Path, progress: Progress | None, **extra: Any) -> str | None:
         full = self._full(check_key(key))
@@ -145,7 +153,10 @@ class S3Store(ObjectStore):
                 progress(len(data))
             return response.get("ETag")
         args = {"ExtraArgs": {"Metadata": extra["Metadata"]}} if "Metadata" in extra else {}
-        self._call("upload_file", Filename=str(data), Bucket=self.bucket, Key=full, Callback=progress, **args)
+        with open_adapter_file(data) as source:
+            self._call(
+                "upload_fileobj", Fileobj=source, Bucket=self.bucket, Key=full, Callback=progress, **args
+            )
         return None
 
     def put(self, key: str, data: bytes | Path, progress: Progress | None = None) -> None:
@@ -252,11 +263,60 @@ class S3Store(ObjectStore):
         source = {"Bucket": self.bucket, "Key": full}
         metadata = dict(head.get("Metadata", {}))
         metadata["loraswap-touched"] = str(time.time())
-        self._call(
-            "copy_object",
-            Bucket=self.bucket,
-            Key=full,
-            CopySource=source,
-            Metadata=metadata,
-            MetadataDirective="REPLACE",
-        )
+        copy = {"Bucket": self.bucket, "Key": full, "CopySource": source, "Metadata": metadata}
+        try:  # a fresh whole-object checksum: see the module docstring
+            self._call("copy_object", MetadataDirective="REPLACE", ChecksumAlgorithm="CRC32", **copy)
+        except NotFoundError:
+            return
+        except StoreError as exc:  # a store that does not take a checksum algorithm on copies
+            log.info("%s: copy with a checksum algorithm failed (%s); copying without", self.url, exc)
+            self._call("copy_object", MetadataDirective="REPLACE", **copy)
+
+
+class _Body(io.RawIOBase):
+    """A GetObject body whose read errors are loraswap errors.
+
+    Args:
+        body: botocore's ``StreamingBody`` (it checks the object's checksum when the stream ends).
+        what: The object, for messages.
+    """
+
+    def __init__(self, body: Any, what: str) -> None:
+        super().__init__()
+        self._body = body
+        self._what = what
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        return self._guard(self._body.read, None if size is None or size < 0 else size)
+
+    def readall(self) -> bytes:
+        return self.read()
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            with contextlib.suppress(Exception):
+                self._body.close()
+        super().close()
+
+    def _guard(self, read: Callable[..., bytes], *args: Any) -> bytes:
+        from botocore.exceptions import BotoCoreError, FlexibleChecksumError
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return read(*args)
+        except FlexibleChecksumError as exc:
+            raise IntegrityError(
+                f"{self._what}: the store's checksum does not match the data it sent ({exc}); "
+                "run `loraswap registry verify`"
+            ) from None
+        except (BotoCoreError, HTTPError, OSError) as exc:
+            raise StoreError(f"{self._what}: reading failed: {exc}") from None

@@ -16,19 +16,24 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import parse_qs, urlparse
 
-from loraswap.errors import InvalidArgumentError
+from loraswap.errors import InvalidArgumentError, LoraswapError
 
-# One segment of a key: no empty, '.' or '..' segment, no backslash, no leading dot (temp files use it).
-_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+# One segment of a key (full match): no empty, '.' or '..' segment, no backslash, no newline, no leading
+# dot (temp files use it).
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
 Progress = Callable[[int], None]
 """Called with the number of bytes just transferred (drives a progress bar)."""
 
 
+class StoreError(LoraswapError):
+    """The object store failed: network, permissions, a missing bucket, a read that broke off."""
+
+
 def check_key(key: str) -> str:
     """Return ``key`` if every segment is a plain file name; raise :class:`InvalidArgumentError` if not."""
     parts = key.split("/")
-    if not key or not all(_SEGMENT_RE.match(part) for part in parts):
+    if not key or not all(_SEGMENT_RE.fullmatch(part) for part in parts):
         raise InvalidArgumentError(f"invalid store key {key!r}")
     return key
 
@@ -59,7 +64,11 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def read(self, key: str) -> tuple[bytes, str]:
-        """Return ``(content, etag)``; raise :class:`NotFoundError` if the key is absent."""
+        """Return ``(content, etag)``; raise :class:`NotFoundError` if the key is absent.
+
+        Every backend raises only loraswap errors: :class:`StoreError` when the object cannot be read,
+        :class:`~loraswap.errors.IntegrityError` when the store itself finds its copy damaged.
+        """
 
     def get(self, key: str) -> bytes:
         """Return the content of ``key``; raise :class:`NotFoundError` if absent."""
@@ -67,11 +76,19 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def open(self, key: str) -> BinaryIO:
-        """A binary stream over the content (for large blobs); :class:`NotFoundError` if absent."""
+        """A binary stream over the content (for large blobs); :class:`NotFoundError` if absent.
+
+        Reading it raises :class:`StoreError` or :class:`~loraswap.errors.IntegrityError` (as
+        :meth:`read`), never a backend's own exception.
+        """
 
     @abstractmethod
     def put(self, key: str, data: bytes | Path, progress: Progress | None = None) -> None:
-        """Write (or replace) ``key`` atomically: readers see the old or the whole new content."""
+        """Write (or replace) ``key`` atomically: readers see the old or the whole new content.
+
+        A ``Path`` is read with :func:`~loraswap.adapter_format.open_adapter_file`: a regular file,
+        never through a symbolic link (:class:`InvalidArgumentError` otherwise).
+        """
 
     @abstractmethod
     def put_if_absent(self, key: str, data: bytes | Path, progress: Progress | None = None) -> bool:

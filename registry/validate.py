@@ -1,20 +1,30 @@
 """Adapter validation on push: every problem of a folder, reported at once in one error.
 
 Files: ``adapter_config.json`` and ``adapter_model.safetensors`` are required; ``README.md`` and
-``training_metadata.json`` are pushed when present; any other file (optimizer states, tokenizer files,
-checkpoints, sub-folders) is **ignored** (logged, and listed in :attr:`AdapterSummary.ignored`). A pickle
-``adapter_model.bin`` without a safetensors file is refused with the way to convert it.
+``training_metadata.json`` are pushed when present; any other regular file or sub-folder (optimizer
+states, tokenizer files, checkpoints) is **ignored** (logged, and listed in
+:attr:`AdapterSummary.ignored`). A pickle ``adapter_model.bin`` without a safetensors file is refused
+with the way to convert it.
+
+Refused, so that nothing outside the folder is ever read and nothing blocks: any entry that is a
+symbolic link, named pipe, socket or device (whatever its name), and a folder under a pushed file's
+name. The safetensors header is checked by the library's own rules before any tensor is read (see
+:func:`read_safetensors_header`), and also refused are: a header that names a tensor twice, a file with
+no tensors, tensors that are not F16/BF16/F32/F64 or hold NaN/Inf, and a supported target module of the
+config with no tensors in the file.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
+import stat
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from safetensors import SafetensorError, safe_open
+from typing import Any, BinaryIO
 
 from loraswap.adapter_format import (
     ADAPTER_CONFIG,
@@ -23,11 +33,15 @@ from loraswap.adapter_format import (
     SUPPORTED_TARGETS,
     TRAINING_METADATA,
     LoraAdapterConfig,
+    file_kind,
     matches_target,
+    not_regular_problem,
+    open_adapter_file,
     parse_lora_key,
     read_adapter_config,
+    read_json_object,
 )
-from loraswap.errors import AdapterValidationError
+from loraswap.errors import AdapterValidationError, InvalidArgumentError
 from loraswap.models import BaseModelRef
 from loraswap.models.fingerprint import weight_shapes
 
@@ -42,6 +56,15 @@ CONVERT_HINT = (
     f"`sd = torch.load('{PICKLE_WEIGHTS}', weights_only=True); "
     f"safetensors.torch.save_file(sd, '{ADAPTER_WEIGHTS}')` (or save with safe_serialization=True)"
 )
+MAX_HEADER_BYTES = 100_000_000
+"""The safetensors library's own limit on the JSON header."""
+FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+"""safetensors dtype -> torch dtype name, for the dtypes LoRA weights may have (the ones the server reads)."""
+ITEM_BYTES = {
+    "F16": 2, "BF16": 2, "F32": 4, "F64": 8, "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
+    "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8,
+}  # fmt: skip
+MAX_PROBLEMS_PER_FILE = 20
 
 
 @dataclass(frozen=True)
@@ -69,52 +92,211 @@ class AdapterSummary:
     training: dict[str, Any] | None
 
 
-def _select_files(folder: Path) -> tuple[list[str], list[str], list[str]]:
-    """Split the folder's entries into (files to push, ignored entries, problems)."""
-    names = sorted(entry.name for entry in folder.iterdir())
-    files = [name for name in names if name in ALLOWED_FILES and (folder / name).is_file()]
-    ignored = [name for name in names if name not in files]
-    problems = []
-    if ADAPTER_WEIGHTS not in files:
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a checked safetensors header.
+
+    Attributes:
+        dtype: safetensors dtype name (``F32``...).
+        shape: Dimensions.
+        begin: Offset of its first byte in the data section.
+        end: Offset past its last byte.
+    """
+
+    dtype: str
+    shape: list[int]
+    begin: int
+    end: int
+
+
+def _list_folder(folder: Path) -> tuple[list[str], list[str], set[str], list[str]] | str:
+    """:func:`_select_files` of ``folder``, or why it is not a folder that can be read."""
+    try:
+        mode = os.stat(folder).st_mode
+        if not stat.S_ISDIR(mode):
+            return f"{folder} is {file_kind(mode)}, not a folder"
+        return _select_files(folder)
+    except FileNotFoundError:
+        return f"{folder} does not exist"
+    except OSError as exc:
+        return f"{folder} cannot be read: {exc.strerror or exc}"
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.lstat(path).st_size
+    except OSError:  # gone meanwhile: reading it reports the problem
+        return 0
+
+
+def _select_files(folder: Path) -> tuple[list[str], list[str], set[str], list[str]]:
+    """Split the folder's entries into (files to push, ignored entries, refused entries, problems).
+
+    Only ``lstat`` is used: no entry is opened or followed here.
+    """
+    files: list[str] = []
+    ignored: list[str] = []
+    refused: set[str] = set()
+    problems: list[str] = []
+    names = sorted(os.listdir(folder))
+    for name in names:
+        try:
+            mode = os.lstat(folder / name).st_mode
+        except FileNotFoundError:  # removed meanwhile
+            continue
+        if stat.S_ISREG(mode):
+            (files if name in ALLOWED_FILES else ignored).append(name)
+        elif stat.S_ISDIR(mode) and name not in ALLOWED_FILES:
+            ignored.append(name)
+        else:
+            refused.add(name)
+            problems.append(not_regular_problem(name, mode))
+    if ADAPTER_WEIGHTS not in files and ADAPTER_WEIGHTS not in refused:
         problems.append(CONVERT_HINT if PICKLE_WEIGHTS in names else f"{ADAPTER_WEIGHTS} is missing")
-    return files, ignored, problems
+    return files, ignored, refused, problems
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in doc:
+            raise _DuplicateKey(key)
+        doc[key] = value
+    return doc
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry_problem(name: str, info: Any, data_size: int) -> tuple[TensorEntry | None, str | None]:
+    """One header entry checked as the safetensors library does, or why it is malformed."""
+    if not isinstance(info, dict):
+        return None, f"tensor {name!r} has a malformed entry"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in ITEM_BYTES:
+        return None, f"tensor {name!r} has an unknown dtype {str(dtype)[:40]!r}"
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        return None, f"tensor {name!r} has a malformed shape"
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        return None, f"tensor {name!r} has malformed data_offsets"
+    begin, end = offsets
+    if begin > end or end > data_size or end - begin != math.prod(shape) * ITEM_BYTES[dtype]:
+        return None, f"tensor {name!r} offsets {begin}..{end} do not hold a {dtype} tensor of shape {shape}"
+    return TensorEntry(dtype, list(shape), begin, end), None
+
+
+def read_safetensors_header(handle: BinaryIO, size: int) -> tuple[dict[str, TensorEntry], int, list[str]]:
+    """Read and check the header of a safetensors file open as ``handle`` (``size`` bytes).
+
+    The rules are the safetensors library's: an 8-byte little-endian header length of at most
+    :data:`MAX_HEADER_BYTES` that fits the file; a UTF-8 JSON object; an optional ``__metadata__``
+    object of strings; per tensor a known dtype, a shape of non-negative integers and ``data_offsets``
+    whose span is exactly the shape's bytes; sorted by offset, the tensors tile the data section (no gap,
+    no overlap, nothing after the last). Stricter than the library: a key listed twice is refused (a
+    JSON parser keeps one of the two silently).
+
+    Returns:
+        Tensor name → entry, the offset of the data section in the file, and the problems (at most
+        :data:`MAX_PROBLEMS_PER_FILE`; the entries are empty when there are any).
+    """
+    bad = f"{ADAPTER_WEIGHTS} is not a readable safetensors file"
+    if size < 8:
+        return {}, 0, [f"{bad}: {size} bytes is too short"]
+    head = handle.read(8)
+    if len(head) < 8:
+        return {}, 0, [f"{bad}: the file changed while it was read"]
+    (length,) = struct.unpack("<Q", head)
+    if length > MAX_HEADER_BYTES or 8 + length > size:
+        return {}, 0, [f"{bad}: header length {length} does not fit the {size}-byte file"]
+    try:
+        doc = json.loads(handle.read(length), object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        return {}, 0, [f"{bad}: its header lists {str(exc)[:80]!r} twice"]
+    except (ValueError, RecursionError) as exc:
+        return {}, 0, [f"{bad}: the header is not JSON ({exc})"]
+    if not isinstance(doc, dict):
+        return {}, 0, [f"{bad}: the header is not a JSON object"]
+    problems = []
+    metadata = doc.pop("__metadata__", None)
+    if metadata is not None and (
+        not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
+    ):
+        problems.append(f"{bad}: __metadata__ is not an object of strings")
+    data_size = size - 8 - length
+    entries: dict[str, TensorEntry] = {}
+    for name, info in doc.items():
+        entry, problem = _entry_problem(name, info, data_size)
+        if problem:
+            problems.append(f"{bad}: {problem}")
+        else:
+            entries[name] = entry
+    if not problems:
+        end, previous = 0, None
+        for name, entry in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
+            if entry.begin != end:
+                where = "overlaps" if entry.begin < end else "leaves a gap after"
+                what = repr(previous) if previous else "the start of the data"
+                problems.append(f"{bad}: tensor {name!r} {where} {what}")
+                break
+            end, previous = entry.end, name
+        if not problems and end != data_size:
+            problems.append(f"{bad}: the tensors end at byte {end} of a {data_size}-byte data section")
+    if len(problems) > MAX_PROBLEMS_PER_FILE:
+        extra = len(problems) - MAX_PROBLEMS_PER_FILE
+        problems = [*problems[:MAX_PROBLEMS_PER_FILE], f"{bad}: ... and {extra} more problems"]
+    return ({}, 0, problems) if problems else (entries, 8 + length, [])
 
 
 def _read_tensors(path: Path, scan_values: bool) -> tuple[dict[str, list[int]], set[str], list[str]]:
-    """Shapes and dtypes of every tensor; NaN/Inf and non-float tensors are problems."""
+    """Shapes and dtypes of every tensor; a bad header, non-float dtypes and NaN/Inf are problems.
+
+    The file is read through one descriptor opened by :func:`open_adapter_file`; the values (when
+    ``scan_values``) one tensor at a time, only once the header is known to be sound.
+    """
+    try:
+        with open_adapter_file(path) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            entries, data_start, problems = read_safetensors_header(handle, size)
+            dtypes = {FLOAT_DTYPES.get(e.dtype, e.dtype) for e in entries.values()}
+            for name, entry in sorted(entries.items()):
+                if entry.dtype not in FLOAT_DTYPES:
+                    problems.append(
+                        f"tensor {name} has dtype {entry.dtype}; LoRA weights must be floats "
+                        f"({', '.join(FLOAT_DTYPES)})"
+                    )
+                elif scan_values and not _finite(handle, data_start, entry):
+                    problems.append(f"tensor {name} contains NaN or Inf values")
+    except InvalidArgumentError as exc:
+        return {}, set(), [str(exc)]
+    except OSError as exc:
+        return {}, set(), [f"{ADAPTER_WEIGHTS} cannot be read: {exc.strerror or exc}"]
+    if not problems and not entries:
+        problems.append(f"{ADAPTER_WEIGHTS} holds no tensors")
+    return {name: e.shape for name, e in entries.items()}, dtypes, problems
+
+
+def _finite(handle: BinaryIO, data_start: int, entry: TensorEntry) -> bool:
+    """Whether a float tensor of a checked header holds no NaN/Inf (its bytes read here)."""
     import torch
 
-    shapes: dict[str, list[int]] = {}
-    dtypes: set[str] = set()
-    problems: list[str] = []
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-                shapes[name] = list(handle.get_slice(name).get_shape())
-                if not scan_values:
-                    continue
-                tensor = handle.get_tensor(name)
-                dtypes.add(str(tensor.dtype).removeprefix("torch."))
-                if not tensor.is_floating_point():
-                    problems.append(f"tensor {name} has dtype {tensor.dtype}; LoRA weights must be floats")
-                elif not bool(torch.isfinite(tensor).all()):
-                    problems.append(f"tensor {name} contains NaN or Inf values")
-    except (SafetensorError, OSError) as exc:
-        problems.append(f"{ADAPTER_WEIGHTS} is not a readable safetensors file: {exc}")
-    return shapes, dtypes, problems
+    if entry.end == entry.begin:
+        return True
+    handle.seek(data_start + entry.begin)
+    data = bytearray(handle.read(entry.end - entry.begin))
+    if len(data) != entry.end - entry.begin:
+        raise InvalidArgumentError(f"{ADAPTER_WEIGHTS} changed while it was read")
+    tensor = torch.frombuffer(data, dtype=getattr(torch, FLOAT_DTYPES[entry.dtype]))
+    return bool(torch.isfinite(tensor).all())
 
 
 def _read_training(folder: Path) -> tuple[dict[str, Any] | None, list[str]]:
-    path = folder / TRAINING_METADATA
-    if not path.is_file():
-        return None, []
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return None, [f"{TRAINING_METADATA} is not valid JSON: {exc}"]
-    if not isinstance(doc, dict):
-        return None, [f"{TRAINING_METADATA} must hold a JSON object"]
-    return doc, []
+    """``training_metadata.json`` as strict JSON (it is stored in the manifest: no NaN/Infinity)."""
+    return read_json_object(folder / TRAINING_METADATA, strict=True)
 
 
 def _pairs(shapes: dict[str, list[int]]) -> tuple[dict[str, dict[str, list[int]]], list[str]]:
@@ -127,6 +309,8 @@ def _pairs(shapes: dict[str, list[int]]) -> tuple[dict[str, dict[str, list[int]]
             problems.append(f"tensor {name} is not a LoRA weight (base_model.model.<module>.lora_A/B.weight)")
         elif len(shape) != 2:
             problems.append(f"tensor {name} has shape {shape}; LoRA weights are matrices")
+        elif parsed[1] in pairs.get(parsed[0], {}):  # e.g. lora_A.weight and lora_A.other.weight
+            problems.append(f"{parsed[0]}: more than one lora_{parsed[1]} tensor (tensor {name})")
         else:
             pairs.setdefault(parsed[0], {})[parsed[1]] = shape
     return pairs, problems
@@ -156,6 +340,18 @@ def lora_shape_problems(config: LoraAdapterConfig, tensor_shapes: dict[str, list
         if pair["B"][1] != rank:
             problems.append(f"{module}: lora_B has shape {pair['B']}, expected [out_features, r={rank}]")
     return problems
+
+
+def _coverage_problems(config: LoraAdapterConfig, tensor_shapes: dict[str, list[int]]) -> list[str]:
+    """A supported target module of the config that no tensor of the file belongs to (the file is
+    incomplete or the config is not the one it was saved with)."""
+    pairs, _ = _pairs(tensor_shapes)
+    return [
+        f"target module {target!r} has no tensors in {ADAPTER_WEIGHTS}"
+        for target in config.target_modules
+        if target.rsplit(".", 1)[-1] in SUPPORTED_TARGETS
+        and not any(matches_target(m, target) for m in pairs)
+    ]
 
 
 def base_compat_problems(
@@ -197,7 +393,8 @@ def validate_adapter_dir(
     """Check an adapter folder before it is pushed.
 
     Args:
-        folder: A PEFT adapter folder.
+        folder: A PEFT adapter folder (it may itself be reached through a symbolic link; its entries
+            may not be links).
         base: When given, every targeted module must exist in it with matching dimensions.
         max_bytes: Largest total size of the files pushed.
 
@@ -205,15 +402,19 @@ def validate_adapter_dir(
         The summary of a valid adapter.
 
     Raises:
-        AdapterValidationError: Listing every problem found.
+        AdapterValidationError: Listing every problem found (a missing folder, or a path that is not
+            a folder, is one such problem).
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise AdapterValidationError(f"adapter folder {folder} does not exist")
-    files, ignored, problems = _select_files(folder)
-    config, config_problems = read_adapter_config(folder)
-    problems += config_problems
-    total = sum((folder / name).stat().st_size for name in files)
+    listing = _list_folder(folder)
+    if isinstance(listing, str):
+        raise AdapterValidationError(f"adapter folder {folder} is not valid", [listing])
+    files, ignored, refused, problems = listing
+    config = None
+    if ADAPTER_CONFIG not in refused:
+        config, config_problems = read_adapter_config(folder)
+        problems += config_problems
+    total = sum(_size(folder / name) for name in files)
     if total > max_bytes:
         problems.append(f"adapter is {total} bytes, over the {max_bytes}-byte limit")
     shapes: dict[str, list[int]] = {}
@@ -221,10 +422,13 @@ def validate_adapter_dir(
     if ADAPTER_WEIGHTS in files:
         shapes, dtypes, tensor_problems = _read_tensors(folder / ADAPTER_WEIGHTS, total <= max_bytes)
         problems += tensor_problems
-    training, training_problems = _read_training(folder)
-    problems += training_problems
+    training = None
+    if TRAINING_METADATA in files:
+        training, training_problems = _read_training(folder)
+        problems += training_problems
     if config is not None and shapes:
         problems += lora_shape_problems(config, shapes)
+        problems += _coverage_problems(config, shapes)
         if base is not None:
             problems += base_compat_problems(config, shapes, weight_shapes(base.path))
     if problems or config is None:

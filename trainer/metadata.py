@@ -74,8 +74,8 @@ def build_metadata(
         "initial_eval_loss": _finite(state.initial_eval_loss),
         "eval_loss": _finite(eval_loss),
         "eval_perplexity": perplexity(eval_loss),
-        "loss_history": state.history,
-        "eval_history": state.eval_history,
+        "loss_history": [[step, _finite(loss)] for step, loss in state.history],
+        "eval_history": [[step, _finite(loss)] for step, loss in state.eval_history],
     }
 
 

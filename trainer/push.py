@@ -9,12 +9,12 @@ from typing import Any
 from loraswap.errors import InvalidArgumentError
 from loraswap.models import BaseModelRef
 
-_NAME_RE = re.compile(r"^(?P<name>[^:\s]+)(?::(?P<tag>[^:\s]+))?$")
+_NAME_RE = re.compile(r"(?P<name>[^:\s]+)(?::(?P<tag>[^:\s]+))?")
 
 
 def parse_push_target(spec: str) -> tuple[str, str | None]:
     """Split ``NAME[:TAG]``."""
-    match = _NAME_RE.match(spec)
+    match = _NAME_RE.fullmatch(spec)
     if match is None:
         raise InvalidArgumentError(f"--push expects NAME or NAME:TAG, got {spec!r}")
     return match["name"], match["tag"]

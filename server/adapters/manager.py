@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from loraswap.errors import AdapterValidationError, LoraswapError, NotFoundError
-from loraswap.registry.cache import cached_adapter_dir
+from loraswap.registry.cache import CacheSession, cached_adapter_dir
 from loraswap.server.adapters.host_cache import HostCache
 from loraswap.server.adapters.lru import LRU
 from loraswap.server.adapters.reader import AdapterReader, BaseShape, HostAdapter
@@ -95,6 +95,11 @@ class AdapterManager:
             layer.a.device.type == "cpu" and layer.a.dtype == dtype for layer in layers.values()
         )
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-load")
+        # Held while the process uses the disk tier: after a process that ended without closing it,
+        # every cached version is hashed in full before its next use (registry/README.md, "Pull cache").
+        self._cache_session = CacheSession.open()
+        if self._cache_session.unclean:
+            log.warning("the adapter cache was not closed cleanly: cached adapters are re-hashed before use")
 
     @property
     def registry(self):
@@ -125,6 +130,7 @@ class AdapterManager:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._cache_session.close()
 
     # -- resolving and loading (any thread) ------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""The registry on the S3 backend, against a real S3 API server (moto's server mode on 127.0.0.1).
+"""The registry on the S3 backend, against a real S3 API server (moto's server mode on 127.0.0.1; the
+fixtures are in this folder's conftest.py).
 
 moto 5.2 honours ``If-None-Match: *`` and ``If-Match`` on PutObject/DeleteObject, but checks the
 condition and writes without a lock, so two truly simultaneous conditional writes can both pass there:
@@ -7,14 +8,10 @@ the conflict tests interleave writers deterministically instead of counting on i
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
-import socket
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,33 +27,6 @@ boto3 = pytest.importorskip("boto3")  # the [s3] extra; the GPU check runs witho
 
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """A moto S3 server on a free local port for the whole session."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh bucket; the environment points loraswap (and boto3) at the local server."""
-    monkeypatch.setenv("LORASWAP_S3_ENDPOINT", s3_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    name = f"reg-{uuid.uuid4().hex[:12]}"
-    _client(s3_endpoint).create_bucket(Bucket=name)
-    return name
 
 
 def _client(endpoint: str):

@@ -4,6 +4,7 @@ consistent while loads, listings and slot changes interleave."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -203,3 +204,25 @@ def test_the_disk_tier_is_the_registry_cache_folder(registry) -> None:
         assert manager.status(adapter.digest).tiers == ("host", "disk")
     finally:
         manager.close()
+
+
+def test_the_manager_holds_a_cache_session_and_an_unclean_end_is_seen_by_the_next(
+    registry: Registry,
+) -> None:
+    """While a manager is open its process holds a session on the disk cache; one that was never closed
+    (the process died) makes the next manager's session unclean, so cached versions are hashed again."""
+    from loraswap.registry.cache import SESSION_SUFFIX, SESSIONS, CacheSession
+
+    sessions = paths.adapter_cache_dir() / SESSIONS
+    manager = _manager(registry)
+    assert not manager._cache_session.unclean
+    assert [p.suffix for p in sessions.iterdir()] == [SESSION_SUFFIX]
+    manager.close()
+    assert list(sessions.iterdir()) == []  # a clean close leaves nothing behind
+    crashed = CacheSession.open()
+    os.close(crashed._fd)  # the lock goes as when a process dies; the file stays: not closed cleanly
+    later = _manager(registry)
+    try:
+        assert later._cache_session.unclean
+    finally:
+        later.close()
