@@ -5,11 +5,13 @@ Steps (each one a real ``loraswap`` command, run as a user would):
 2. train two small adapters on CPU and push them to a local registry;
 3. list and show them in the registry;
 4. start ``loraswap serve`` on 127.0.0.1, call both adapters and the base model over gRPC;
-5. print the server's view of its adapters and a few Prometheus metrics, then stop it with SIGTERM.
+5. call one adapter through the OpenAI-compatible HTTP API;
+6. print the server's view of its adapters and a few Prometheus metrics, then stop it with SIGTERM.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -39,6 +41,15 @@ def loraswap(*args: str, env: dict[str, str]) -> None:
     subprocess.run([sys.executable, "-m", "loraswap.cli", *args], env=env, check=True)
 
 
+def http_call(url: str, model: str, prompt: str) -> None:
+    """One OpenAI-style completion over HTTP, shown as the equivalent curl command."""
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 20, "temperature": 0, "stop": ["\n"]})
+    print(f"\n$ curl -s {url} -H 'Content-Type: application/json' -d {shlex.quote(body)}", flush=True)
+    request = urllib.request.Request(url, body.encode(), {"Content-Type": "application/json"})
+    reply = json.loads(urllib.request.urlopen(request, timeout=120).read())
+    print(json.dumps({"text": reply["choices"][0]["text"], "usage": reply["usage"]}))
+
+
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="loraswap-demo-"))
     env = {**os.environ, "LORASWAP_REGISTRY": str(work / "registry")}
@@ -49,16 +60,17 @@ def main() -> int:
                  *TRAIN_FLAGS, env=env)  # fmt: skip
     loraswap("registry", "list", env=env)
     loraswap("registry", "show", "secret-codes:demo", env=env)
-    print("\n$ loraswap serve --host 127.0.0.1 --port 0 --metrics-port 0 --base default", flush=True)
-    server = start_serve(
-        ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--base", "default"], env
-    )
+    flags = ["--host", "127.0.0.1", "--port", "0", "--http-port", "0", "--metrics-port", "0"]
+    flags += ["--base", "default"]
+    print(f"\n$ loraswap serve {shlex.join(flags)}", flush=True)
+    server = start_serve(flags, env)
     target = server.target
     try:
         for name, (_, prompt) in TASKS.items():
             for adapter in (f"{name}:demo", ""):
                 loraswap("generate", "--target", target, "--adapter", adapter, "--max-new-tokens", "20",
                          "--stop", "\n", prompt, env=env)  # fmt: skip
+        http_call(f"{server.http_url}/v1/completions", "secret-codes:demo", TASKS["secret-codes"][1])
         loraswap("adapters", "list", "--target", target, env=env)
         loraswap("info", "--target", target, env=env)
         print(f"\n$ curl {server.metrics_url} | grep loraswap_adapter_cache", flush=True)

@@ -4,7 +4,10 @@
 :class:`~loraswap.server.engine.api.EngineObserver`, records per-call outcomes from the gRPC interceptor and
 per-request figures from the servicer, and computes cache residency, queue depth and memory at scrape
 time from the engine. Labels are bounded: adapter names outside ``tracked_adapters``, and RPC methods the
-server did not register (:meth:`Metrics.track_methods`), count as ``other``.
+server did not register (:meth:`Metrics.track_methods`), count as ``other``. HTTP requests of the
+OpenAI-compatible API are counted in the same ``loraswap_requests`` / ``loraswap_rpc_duration_seconds``
+families: ``method`` is the path (``/v1/chat/completions``; unknown paths are ``other``) and ``code`` the
+HTTP status (``200``, ``404``, ...); their tokens and time to first token go to the per-adapter families.
 """
 
 from __future__ import annotations
@@ -167,6 +170,12 @@ class Metrics:
         self.requests.labels(method=label, code=code.name).inc()
         self.rpc_duration.labels(method=label).observe(seconds)
 
+    def on_http(self, path: str, status: int, seconds: float) -> None:
+        """One finished HTTP request: ``method`` is the path, ``code`` the status (a bounded set)."""
+        label = self.method_label(path)
+        self.requests.labels(method=label, code=str(status)).inc()
+        self.rpc_duration.labels(method=label).observe(seconds)
+
     def on_result(self, adapter: str, result: GenerationResult) -> None:
         label = self.adapter_label(adapter)
         self.prompt_tokens.labels(label).inc(result.prompt_tokens)
@@ -199,7 +208,6 @@ class Metrics:
 
     def on_load_failure(self, reason: str) -> None:
         self.load_failures.labels(reason).inc()
-
 
     def on_token(self, request_id: str, adapter: str, inter_token_s: float | None) -> None:
         if inter_token_s is not None:

@@ -33,6 +33,8 @@ class ServeSettings:
         engine: The engine's configuration (base model, registry, precision, capacities).
         host: Address the gRPC server binds to.
         port: gRPC port (0 picks a free one; the chosen port is logged).
+        http_port: Port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
+            /v1/models) on ``host``, served by the same engine; unset disables it, 0 picks a free one.
         metrics_host: Address the Prometheus HTTP endpoint binds to.
         metrics_port: Port of the Prometheus HTTP endpoint (/metrics); -1 disables it, 0 picks a free one.
         metrics_adapters: Adapter names that get their own metric label; all others are counted as ``other``.
@@ -55,6 +57,7 @@ class ServeSettings:
     engine: EngineConfig = field(default_factory=EngineConfig)
     host: str = "127.0.0.1"
     port: int = 50051
+    http_port: int | None = None
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9400
     metrics_adapters: tuple[str, ...] = ()
@@ -82,6 +85,8 @@ class ServeSettings:
             )
         if not 0 <= self.port <= 65535 or not -1 <= self.metrics_port <= 65535:
             out.append("port must be in [0, 65535] and metrics_port in [-1, 65535]")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            out.append(f"http_port must be in [0, 65535], got {self.http_port}")
         if self.grace_seconds < 0:
             out.append(f"grace_seconds must be >= 0, got {self.grace_seconds}")
         if bool(self.tls_cert) != bool(self.tls_key):

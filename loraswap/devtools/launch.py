@@ -18,6 +18,7 @@ class ServeProcess:
         proc: The process (its stderr is drained into ``log`` by a reader thread).
         target: ``127.0.0.1:<port>`` of its gRPC listener.
         metrics_url: Its ``/metrics`` URL, or None when the endpoint is disabled.
+        http_url: Base URL (``http://127.0.0.1:<port>``) of its OpenAI-compatible API, or None when off.
         log: Every stderr line so far.
         reader: The thread draining stderr into ``log``.
     """
@@ -25,6 +26,7 @@ class ServeProcess:
     proc: subprocess.Popen
     target: str
     metrics_url: str | None
+    http_url: str | None = None
     log: list[str] = field(default_factory=list)
     reader: threading.Thread | None = None
 
@@ -75,4 +77,6 @@ def start_serve(
         raise RuntimeError("loraswap serve did not start:\n" + "".join(log))
     metrics = re.search(r"metrics: (\d+)", text)
     metrics_url = f"http://127.0.0.1:{metrics.group(1)}/metrics" if metrics else None
-    return ServeProcess(proc, f"127.0.0.1:{port.group(1)}", metrics_url, log, reader)
+    http = re.search(r"serving on [\d.]+:\d+ \(http: (\d+)\)", text)
+    http_url = f"http://127.0.0.1:{http.group(1)}" if http else None
+    return ServeProcess(proc, f"127.0.0.1:{port.group(1)}", metrics_url, http_url, log, reader)

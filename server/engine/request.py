@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -36,6 +37,7 @@ class RequestState:
     sampler: SamplerState
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    waker: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None  # set by RequestHandle.aevents
     submitted: float = field(default_factory=now)
     digest: str = ""
     row: int = -1
@@ -73,10 +75,18 @@ class RequestState:
         )
 
     def emit(self, event: TokenEvent) -> None:
-        self.events.put(event)
+        self._put(event)
 
     def fail(self, error: BaseException) -> None:
-        self.events.put(error)
+        self._put(error)
+
+    def _put(self, item: TokenEvent | BaseException) -> None:
+        self.events.put(item)
+        waker = self.waker
+        if waker is not None:  # an asyncio consumer: wake its loop (no thread waits per event)
+            loop, ready = waker
+            with contextlib.suppress(RuntimeError):  # its loop has closed: nobody is listening
+                loop.call_soon_threadsafe(ready.set)
 
 
 class RequestHandle:
@@ -93,10 +103,21 @@ class RequestHandle:
             yield self._take(self._state.events.get(timeout=timeout))
 
     async def aevents(self) -> AsyncIterator[TokenEvent]:
-        """The same events as :meth:`events`, for asyncio callers (waits off the event loop)."""
-        loop = asyncio.get_running_loop()
+        """The same events as :meth:`events`, for asyncio callers: the engine thread wakes the running
+        loop when it queues an event, so no thread blocks per request or per token."""
+        ready = asyncio.Event()
+        self._state.waker = (asyncio.get_running_loop(), ready)
         while not self._done:
-            yield self._take(await loop.run_in_executor(None, self._state.events.get))
+            try:
+                item = self._state.events.get_nowait()
+            except queue.Empty:
+                ready.clear()  # no wake-up is lost: callbacks run only at the await below
+                try:
+                    item = self._state.events.get_nowait()
+                except queue.Empty:
+                    await ready.wait()
+                    continue
+            yield self._take(item)
 
     def _take(self, item: TokenEvent | BaseException) -> TokenEvent:
         """Account for one queued item: an error ends the stream by raising, a result ends it normally."""

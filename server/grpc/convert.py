@@ -6,7 +6,6 @@ responses. Client side: ``request_to_pb`` and ``*_from_pb`` do the reverse.
 
 from __future__ import annotations
 
-import math
 from datetime import UTC, datetime
 
 from loraswap.errors import InvalidArgumentError
@@ -22,6 +21,7 @@ from loraswap.server.engine.api import (
     TokenEvent,
 )
 from loraswap.server.grpc.pb import admin_pb2, inference_pb2
+from loraswap.server.limits import generation_problems
 from loraswap.server.settings import ServeSettings
 
 FINISH_TO_PB = {
@@ -52,24 +52,12 @@ def request_from_pb(
     which = pb.WhichOneof("input")
     if which == "prompt":
         prompt = pb.prompt
-        chars = len(prompt)
     elif which == "chat":
         messages = tuple(ChatMessage(m.role, m.content) for m in pb.chat.messages)
-        chars = sum(len(m.content) for m in messages)
-        if not messages:
-            problems.append("chat must have at least one message")
-        problems += [f"chat message {i} has no role" for i, m in enumerate(messages) if not m.role]
     else:
-        chars = 0
         problems.append("one of prompt or chat is required")
-    if chars > settings.max_prompt_chars:
-        problems.append(f"prompt is {chars} characters, over the limit of {settings.max_prompt_chars}")
-    if pb.max_new_tokens > settings.max_new_tokens:
-        problems.append(f"max_new_tokens {pb.max_new_tokens} is over the limit of {settings.max_new_tokens}")
     sampling = sampling_from_pb(pb, settings.default_max_new_tokens)
-    problems += sampling.problems()
-    floats = {"temperature": sampling.temperature, "top_p": sampling.top_p}
-    problems += [f"{k} must be finite" for k, v in floats.items() if not math.isfinite(v)]
+    problems += generation_problems(prompt, messages, pb.max_new_tokens, sampling, settings)
     if problems:
         raise InvalidArgumentError("invalid GenerateRequest", problems)
     return GenerationRequest(

@@ -113,22 +113,31 @@ def serve(settings: ServeSettings, stop: threading.Event) -> int:
     metrics = Metrics(settings.metrics_adapters)
     server = GrpcServer(settings, metrics)
     port = server.start()
+    http, http_port = None, None
+    if settings.http_port is not None:
+        from loraswap.server.http.server import HttpServer
+
+        http = HttpServer(settings, metrics, server.slot)
+        http_port = http.start()
     metrics_port = None
     if settings.metrics_port >= 0:
         metrics_port = metrics.serve_http(settings.metrics_host, settings.metrics_port)
-    _say(f"listening on {settings.host}:{port} (metrics: {metrics_port}); loading {settings.engine.base}")
+    ports = f"metrics: {metrics_port}, http: {http_port}"
+    _say(f"listening on {settings.host}:{port} ({ports}); loading {settings.engine.base}")
     try:
         engine = Engine(settings.engine, observer=metrics)
         engine.start()
         server.attach(engine)
-        _say(f"serving on {settings.host}:{port}")
+        _say(f"serving on {settings.host}:{port} (http: {http_port})")
         # Wake up often: a signal delivered to another thread (gRPC, engine) only runs its Python handler
         # once the main thread executes bytecode again, which a plain stop.wait() would never do.
         while not stop.wait(timeout=0.1):
             pass
         _say(f"draining (grace {settings.grace_seconds:g}s)")
     finally:
-        server.shutdown(settings.grace_seconds)
+        server.shutdown(settings.grace_seconds)  # HTTP requests get 503 from here; in-flight ones finish
+        if http is not None:
+            http.stop()
         metrics.stop_http()
     _say("stopped")
     return 0
