@@ -7,7 +7,6 @@ of :data:`STATUS`. Requests are counted in :class:`~loraswap.server.metrics.Metr
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import json
@@ -171,8 +170,10 @@ def create_app(slot: EngineSlot, settings: ServeSettings, metrics: Metrics) -> A
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         if not body.stream:
-            try:  # the rest in one wait off the event loop
-                result = first.result or await asyncio.get_running_loop().run_in_executor(None, handle.result)
+            result = first.result
+            try:
+                async for event in events:  # woken by the engine: no thread waits for the request
+                    result = event.result
             finally:
                 handle.cancel()  # a no-op once finished
             assert result is not None
@@ -229,7 +230,7 @@ def create_app(slot: EngineSlot, settings: ServeSettings, metrics: Metrics) -> A
                         return
                     event = await anext(events)
             except errors.LoraswapError as exc:  # after the response started: an error event, then stop
-                yield {"data": json.dumps(json.loads(_error_of(exc).body))}
+                yield {"data": bytes(_error_of(exc).body).decode()}
             finally:
                 handle.cancel()  # the client went away (or the stream ended): free the request's row
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import uvicorn
 
@@ -13,8 +12,6 @@ from loraswap.server.grpc.servicers import EngineSlot
 from loraswap.server.http.app import create_app
 from loraswap.server.metrics import Metrics
 from loraswap.server.settings import ServeSettings
-
-EXTRA_WORKERS = 4  # threads beyond max_concurrent_rpcs for the waits of RequestHandle.aevents()
 
 
 class _Server(uvicorn.Server):
@@ -49,13 +46,8 @@ class HttpServer:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        workers = self.settings.max_concurrent_rpcs + EXTRA_WORKERS
-
-        async def main() -> None:
-            asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=workers))
-            await self.server.serve(sockets=[sock])
-
-        self.thread = threading.Thread(target=asyncio.run, args=(main(),), name="loraswap-http", daemon=True)
+        serving = self.server.serve(sockets=[sock])
+        self.thread = threading.Thread(target=asyncio.run, args=(serving,), name="loraswap-http", daemon=True)
         self.thread.start()
         while not self.server.ready.wait(timeout=0.1):
             if not self.thread.is_alive():
