@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 from loraswap.server.engine.api import ChatMessage, SamplingParams
 from loraswap.server.settings import ServeSettings
 
@@ -41,6 +39,4 @@ def generation_problems(
             f"{max_tokens_name} {requested_max_new_tokens} is over the limit of {settings.max_new_tokens}"
         )
     problems += sampling.problems()
-    floats = {"temperature": sampling.temperature, "top_p": sampling.top_p}
-    problems += [f"{k} must be finite" for k, v in floats.items() if not math.isfinite(v)]
     return problems

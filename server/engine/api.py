@@ -5,6 +5,7 @@ No protobuf here: the gRPC edge converts to and from these.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -53,6 +54,8 @@ class SamplingParams:
             out.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if any(not s for s in self.stop):
             out.append("stop strings must not be empty")
+        floats = {"temperature": self.temperature, "top_p": self.top_p}
+        out += [f"{k} must be finite" for k, v in floats.items() if not math.isfinite(v)]
         return out
 
 
