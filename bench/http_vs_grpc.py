@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import statistics
@@ -72,6 +73,48 @@ async def http_round(url: str, n: int, n_adapters: int, new_tokens: int, base: s
     return time.perf_counter() - start, [t for t, _ in out], sum(c for _, c in out)
 
 
+async def sse_round(url: str, n: int, n_adapters: int, new_tokens: int, base: str) -> tuple:
+    """The HTTP round with a thin client: ``httpx2`` (the openai SDK's own transport) streaming, each ``data:`` line parsed with ``json``
+    (the work the gRPC client does per message), so the client's own cost stays out of the server's."""
+    import httpx2 as httpx
+
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(base_url=f"{url}/v1", timeout=300, limits=limits) as client:
+
+        async def one(i: int) -> tuple[float, int]:
+            adapter, prompt = job(i, n_adapters)
+            body = {"model": adapter or base, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0,
+                    "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+            start, ttft, tokens = time.perf_counter(), None, 0
+            async with client.stream("POST", "/completions", json=body) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    ttft = ttft if ttft is not None else time.perf_counter() - start
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+            return ttft or 0.0, tokens
+
+        start = time.perf_counter()
+        out = await asyncio.gather(*(one(i) for i in range(n)))
+        return time.perf_counter() - start, [t for t, _ in out], sum(c for _, c in out)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(pid: int, run) -> tuple:
+    """``run()``'s result plus the server's and this client's CPU seconds over it."""
+    server0, client0 = cpu_seconds(pid), time.process_time()
+    out = run()
+    return (*out, cpu_seconds(pid) - server0, time.process_time() - client0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=32)
@@ -95,19 +138,24 @@ def main(argv: list[str] | None = None) -> int:
         n, k, t = args.requests, args.adapters, args.new_tokens
         asyncio.run(grpc_round(server.target, n, k, t))  # warm-up: adapters loaded, kernels compiled
         asyncio.run(http_round(server.http_url, n, k, t, base))
+        asyncio.run(sse_round(server.http_url, n, k, t, base))
+        pid = server.proc.pid
         rows = {
-            "grpc": asyncio.run(grpc_round(server.target, n, k, t)),
-            "http": asyncio.run(http_round(server.http_url, n, k, t, base)),
+            "grpc": measured(pid, lambda: asyncio.run(grpc_round(server.target, n, k, t))),
+            "http": measured(pid, lambda: asyncio.run(sse_round(server.http_url, n, k, t, base))),
+            "http-sdk": measured(pid, lambda: asyncio.run(http_round(server.http_url, n, k, t, base))),
         }
     finally:
         server.proc.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
     print(f"{n} streaming requests x {t} new tokens, {k} adapters + base, base {args.base}")
-    print(f"{'protocol':<9}{'tokens':>8}{'seconds':>9}{'tokens/s':>10}{'TTFT p50 ms':>13}{'TTFT p90 ms':>13}")
-    for name, (seconds, ttfts, tokens) in rows.items():
+    head = f"{'protocol':<9}{'tokens':>8}{'seconds':>9}{'tokens/s':>10}{'TTFT p50 ms':>13}{'TTFT p90 ms':>13}"
+    print(head + f"{'server CPU s':>14}{'client CPU s':>14}")
+    for name, (seconds, ttfts, tokens, server_cpu, client_cpu) in rows.items():
         p50, p90 = statistics.median(ttfts) * 1e3, percentile(ttfts, 0.9) * 1e3
-        print(f"{name:<9}{tokens:>8}{seconds:>9.2f}{tokens / seconds:>10.1f}{p50:>13.1f}{p90:>13.1f}")
-    (g_s, g_ttft, g_tok), (h_s, h_ttft, h_tok) = rows["grpc"], rows["http"]
+        line = f"{name:<9}{tokens:>8}{seconds:>9.2f}{tokens / seconds:>10.1f}{p50:>13.1f}{p90:>13.1f}"
+        print(line + f"{server_cpu:>14.2f}{client_cpu:>14.2f}")
+    (g_s, g_ttft, g_tok, *_), (h_s, h_ttft, h_tok, *_) = rows["grpc"], rows["http"]
     ratio = (h_tok / h_s) / (g_tok / g_s)
     added = (statistics.median(h_ttft) - statistics.median(g_ttft)) * 1e3
     print(f"HTTP/gRPC tokens/s: {ratio:.2f}x; HTTP added TTFT (p50): {added:+.1f} ms")

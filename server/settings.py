@@ -40,7 +40,8 @@ class ServeSettings:
         metrics_adapters: Adapter names that get their own metric label; all others are counted as ``other``.
         max_message_bytes: Largest gRPC message accepted or sent, in bytes.
         max_concurrent_rpcs: RPCs in progress at once (streams included); past it new calls get
-            RESOURCE_EXHAUSTED.
+            RESOURCE_EXHAUSTED. The HTTP API holds its generations to the same number on its own
+            count (past it: 429).
         max_prompt_chars: Longest prompt accepted, in characters (chat: all message contents together).
         max_new_tokens: Largest ``max_new_tokens`` a request may ask for.
         default_max_new_tokens: ``max_new_tokens`` of a request that leaves it at 0.

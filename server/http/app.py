@@ -7,6 +7,7 @@ of :data:`STATUS`. Requests are counted in :class:`~loraswap.server.metrics.Metr
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -24,7 +25,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraswap import errors
-from loraswap.server.engine.api import TokenEvent
+from loraswap.server.engine.api import GenerationResult, TokenEvent
 from loraswap.server.grpc.auth import PermissionDeniedError, TokenAuth, UnauthenticatedError
 from loraswap.server.grpc.servicers import EngineSlot
 from loraswap.server.http import convert, models
@@ -154,86 +155,157 @@ def create_app(slot: EngineSlot, settings: ServeSettings, metrics: Metrics) -> A
     async def chat_completions(body: models.ChatCompletionRequest, request: Request) -> Any:
         return await _generate(body, request, chat=True)
 
+    admission = Admission(settings.max_concurrent_rpcs)
+
     async def _generate(
         body: models.CompletionRequest | models.ChatCompletionRequest, request: Request, chat: bool
     ) -> Any:
         authorize(auth, request.headers.get("authorization"))
         engine = slot.get()
         req = convert.request_from_body(body, settings, engine.info().base_model)
-        handle = engine.submit(req)
-        events = handle.aevents()
+        admission.acquire()
+        released = False
+        watch: asyncio.Future | None = None
         try:
-            first = await anext(events)  # adapter errors (unknown, incompatible) surface as a status here
-        except BaseException:
-            handle.cancel()
-            raise
-        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        created = int(time.time())
-        if not body.stream:
+            handle = engine.submit(req)
+            events = handle.aevents()
+            # A JSON answer reads nothing from the client until it is written: this watch is what
+            # notices a hang-up meanwhile and cancels the request, freeing its row.
+            if not body.stream:
+                watch = asyncio.ensure_future(cancel_on_disconnect(request.receive, handle))
+            try:
+                first = await anext(events)  # adapter errors (unknown, incompatible) surface here as a status
+            except BaseException:
+                handle.cancel()
+                raise
+            ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+            created = int(time.time())
+            if body.stream:
+                kind = "chat.completion.chunk" if chat else "text_completion"
+                head = {"id": ident, "object": kind, "created": created, "model": body.model}
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                chunks = stream_chunks(ChunkWriter(head, chat), handle, events, first, include_usage)
+                released = True  # the stream gives the admission back when it ends
+                return EventSourceResponse(_counted(chunks, req.adapter), ping=15)
             result = first.result
             try:
                 async for event in events:  # woken by the engine: no thread waits for the request
                     result = event.result
             finally:
                 handle.cancel()  # a no-op once finished
-            assert result is not None
-            metrics.on_result(req.adapter, result)
-            if chat:
-                choice = models.ChatChoice(
-                    message=models.ChatMessageOut(content=result.text),
-                    finish_reason=convert.finish_reason(result),
-                )
-                return models.ChatCompletion(
-                    id=ident, created=created, model=body.model, choices=[choice], usage=convert.usage(result)
-                )
-            text = models.CompletionChoice(text=result.text, finish_reason=convert.finish_reason(result))
-            return models.Completion(
-                id=ident, created=created, model=body.model, choices=[text], usage=convert.usage(result)
+        finally:
+            if watch is not None:
+                watch.cancel()
+            if not released:
+                admission.release()
+        if result is None:  # cancelled before it finished: the client is gone
+            raise errors.LoraswapError("the request ended without a result")
+        metrics.on_result(req.adapter, result)
+        usage, finish = convert.usage(result), convert.finish_reason(result)
+        if chat:
+            message = models.ChatChoice(
+                message=models.ChatMessageOut(content=result.text), finish_reason=finish
             )
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return models.ChatCompletion(
+                id=ident, created=created, model=body.model, choices=[message], usage=usage
+            )
+        text = models.CompletionChoice(text=result.text, finish_reason=finish)
+        return models.Completion(id=ident, created=created, model=body.model, choices=[text], usage=usage)
 
-        kind = "chat.completion.chunk" if chat else "text_completion"
-        head = {"id": ident, "object": kind, "created": created, "model": body.model}
-
-        def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
-            if chat:
-                delta = {"role": "assistant"} if role else {}
-                if text is not None:
-                    delta["content"] = text
-                choice: dict[str, Any] = {
-                    "index": 0,
-                    "delta": delta,
-                    "finish_reason": finish,
-                    "logprobs": None,
-                }
-            else:
-                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-            return json.dumps({**head, "choices": [choice]})
-
-        async def stream() -> AsyncIterator[dict[str, str]]:
-            try:
-                if chat:
-                    yield {"data": chunk("", None, role=True)}
-                event = first
-                while True:
-                    batch = [event, *ready(handle)]  # tokens already out go in one chunk
-                    text, result = "".join(e.text for e in batch), batch[-1].result
-                    if text or result is None:
-                        yield {"data": chunk(text, None)}
-                    if result is not None:
-                        metrics.on_result(req.adapter, result)
-                        yield {"data": chunk(None if chat else "", convert.finish_reason(result))}
-                        if include_usage:
-                            usage = convert.usage(result).model_dump()
-                            yield {"data": json.dumps({**head, "choices": [], "usage": usage})}
-                        yield {"data": "[DONE]"}
-                        return
-                    event = await anext(events)
-            except errors.LoraswapError as exc:  # after the response started: an error event, then stop
-                yield {"data": bytes(_error_of(exc).body).decode()}
-            finally:
-                handle.cancel()  # the client went away (or the stream ended): free the request's row
-
-        return EventSourceResponse(stream(), ping=15)
+    async def _counted(chunks: AsyncIterator[tuple[str, GenerationResult | None]], adapter: str) -> Any:
+        try:
+            async for data, result in chunks:
+                if result is not None:
+                    metrics.on_result(adapter, result)
+                yield {"data": data}
+        finally:
+            admission.release()
 
     return CallMetrics(app, metrics)
+
+
+class Admission:
+    """Generations in progress on the HTTP API, refused past a limit with 429 (as gRPC refuses RPCs past
+    ``max_concurrent_rpcs``). Only the app's event loop calls it, so a plain count is enough."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.count = limit, 0
+
+    def acquire(self) -> None:
+        if self.count >= self.limit:
+            raise errors.OverloadedError(
+                f"too many requests in progress on the HTTP API (limit {self.limit}); retry later"
+            )
+        self.count += 1
+
+    def release(self) -> None:
+        self.count -= 1
+
+
+async def cancel_on_disconnect(receive: Receive, handle: Any) -> None:
+    """Cancel ``handle`` when the client hangs up (the ASGI ``http.disconnect`` message)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    handle.cancel()
+
+
+class ChunkWriter:
+    """The JSON of one stream's chunks. Text chunks differ only in their text, so the document around
+    it is encoded once and each chunk encodes just its text."""
+
+    TEXT = "\x00text\x00"  # a placeholder no JSON encoding of real text can contain
+
+    def __init__(self, head: dict[str, Any], chat: bool) -> None:
+        self.head, self.chat = head, chat
+        template = self.encode(self.TEXT, None)
+        self.before, self.after = template.split(json.dumps(self.TEXT))
+
+    def encode(self, text: str | None, finish: str | None, role: bool = False) -> str:
+        if self.chat:
+            delta: dict[str, str] = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return json.dumps({**self.head, "choices": [choice]})
+
+    def text(self, text: str) -> str:
+        """A text chunk, as :meth:`encode` would write it."""
+        return self.before + json.dumps(text) + self.after
+
+    def usage(self, usage: dict[str, Any]) -> str:
+        return json.dumps({**self.head, "choices": [], "usage": usage})
+
+
+async def stream_chunks(
+    writer: ChunkWriter,
+    handle: Any,
+    events: AsyncIterator[TokenEvent],
+    first: TokenEvent,
+    include_usage: bool,
+) -> AsyncIterator[tuple[str, GenerationResult | None]]:
+    """The ``data`` of each SSE event of one stream, with the result beside the finish chunk: text
+    chunks (tokens already out go in one), the finish chunk, the usage chunk when asked for, ``[DONE]``;
+    after an error, its error object, then stop. Ending, or being closed early (the client went away),
+    cancels the request, which frees its row."""
+    try:
+        if writer.chat:
+            yield writer.encode("", None, role=True), None
+        event = first
+        while True:
+            batch = [event, *ready(handle)]
+            text, result = "".join(e.text for e in batch), batch[-1].result
+            if text or result is None:
+                yield writer.text(text), None
+            if result is not None:
+                yield writer.encode(None if writer.chat else "", convert.finish_reason(result)), result
+                if include_usage:
+                    yield writer.usage(convert.usage(result).model_dump()), None
+                yield "[DONE]", None
+                return
+            event = await anext(events)
+    except errors.LoraswapError as exc:
+        yield bytes(_error_of(exc).body).decode(), None
+    finally:
+        handle.cancel()

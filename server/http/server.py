@@ -47,7 +47,14 @@ class HttpServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         serving = self.server.serve(sockets=[sock])
-        self.thread = threading.Thread(target=asyncio.run, args=(serving,), name="loraswap-http", daemon=True)
+        # uvicorn's own choice of loop (uvloop where installed), as ``uvicorn.run`` would make it.
+        loop_factory = self.server.config.get_loop_factory()
+
+        def run() -> None:
+            with asyncio.Runner(loop_factory=loop_factory) as runner:
+                runner.run(serving)
+
+        self.thread = threading.Thread(target=run, name="loraswap-http", daemon=True)
         self.thread.start()
         while not self.server.ready.wait(timeout=0.1):
             if not self.thread.is_alive():

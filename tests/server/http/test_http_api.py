@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -264,6 +265,74 @@ def test_client_disconnect_mid_stream_cancels_and_frees_the_row(stepped) -> None
         engine.step()
     assert engine.kv.free_rows == rows and not engine._running
     assert len(state.output_ids) == 1
+
+
+def _step_until_first_token(engine: Engine, index: int = 0) -> None:
+    while not (len(engine._running) > index and engine._running[index].output_ids):
+        with engine.step_lock:
+            engine.take_incoming()
+            engine.step()
+
+
+def test_client_disconnect_before_a_json_answer_cancels_and_frees_the_row(stepped) -> None:
+    engine, _, oai = stepped
+    rows = engine.kv.free_rows
+    body = json.dumps({"model": "a1", "prompt": PROMPT, "max_tokens": 250, "temperature": 0}).encode()
+    port = int(str(oai.base_url).rsplit(":", 1)[1].split("/")[0])
+    conn = socket.create_connection(("127.0.0.1", port))
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    conn.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    _step_until_first_token(engine)
+    state = engine._running[0]
+    assert engine.kv.free_rows == rows - 1
+    conn.close()  # hang up while the answer (250 tokens) is far from ready; the engine does not step
+    assert state.cancelled.wait(timeout=30), "the disconnect did not cancel the request"
+    with engine.step_lock:
+        engine.step()
+    assert engine.kv.free_rows == rows and not engine._running
+    assert len(state.output_ids) == 1
+
+
+def test_http_generations_past_max_concurrent_rpcs_get_429(tiny_base: Path, registry_root: Path) -> None:
+    engine_config = EngineConfig(
+        base=str(tiny_base), registry=str(registry_root), quantization="fp32", adapter_slots=2, max_rank=16,
+        max_batch_size=4, max_seq_len=300, max_queue=8,
+    )  # fmt: skip
+    settings = ServeSettings(engine=engine_config, http_port=0, max_concurrent_rpcs=1, grace_seconds=1)
+    slot = EngineSlot()
+    server = HttpServer(settings, Metrics(), slot)
+    port = server.start()
+    engine = slot.engine = Engine(engine_config)
+    oai = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
+    streams: list = []
+
+    def open_stream() -> None:  # headers come with the first token: the engine must step meanwhile
+        stream = oai.completions.create(model="a1", prompt=PROMPT, max_tokens=250, temperature=0, stream=True)
+        next(iter(stream))
+        streams.append(stream)
+
+    try:
+        caller = threading.Thread(target=open_stream)
+        caller.start()
+        _step_until_first_token(engine)
+        caller.join()
+        with pytest.raises(openai.RateLimitError) as refused:
+            oai.completions.create(model="a1", prompt="hi", max_tokens=1)
+        assert refused.value.status_code == 429 and "limit 1" in refused.value.message
+        oai.models.list()  # not a generation: not counted
+        state = engine._running[0]
+        streams.pop().close()
+        assert state.cancelled.wait(timeout=30)
+        with engine.step_lock:
+            engine.step()
+        caller = threading.Thread(target=open_stream)
+        caller.start()
+        _step_until_first_token(engine)  # admitted: the first stream gave its place back
+        caller.join()
+        streams.pop().close()
+    finally:
+        server.stop()
+        engine.stop(drain_timeout=0)
 
 
 def test_overloaded_is_429_and_draining_is_503(stepped) -> None:
