@@ -157,8 +157,8 @@ def read_json_object(path: Path, strict: bool = False) -> tuple[dict[str, Any] |
     """
     name = Path(path).name
     try:
-        with open_adapter_file(path) as handle:
-            data = handle.read(JSON_LIMIT + 1)
+        with open_adapter_file(path) as handle:  # read(n) allocates n bytes first: ask for what is there
+            data = handle.read(min(os.fstat(handle.fileno()).st_size, JSON_LIMIT) + 1)
     except InvalidArgumentError as exc:
         return None, [str(exc)]
     except OSError as exc:

@@ -26,6 +26,11 @@ def adapter_cache_dir() -> Path:
     return home() / "adapters"
 
 
+def model_cache_dir() -> Path:
+    """Merged models pulled from a registry, one folder per digest (beside the adapter cache)."""
+    return home() / "registry-models"
+
+
 def default_registry_dir() -> Path:
     """The embedded local registry used when no ``--registry`` is given."""
     return home() / "registry"

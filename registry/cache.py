@@ -1,4 +1,5 @@
-"""The pulling side's cache: ``paths.adapter_cache_dir()/<digest hex>/`` holds one verified version.
+"""The pulling side's cache: ``paths.adapter_cache_dir()/<digest hex>/`` holds one verified adapter version,
+``paths.model_cache_dir()/<digest hex>/`` one verified merged model (the same rules for both).
 
 A cache folder is used only once every file was hashed against the manifest; a corrupted or partial
 folder is fetched again. Downloads go to a temporary folder (each file fsynced) that is renamed into
@@ -41,7 +42,7 @@ from loraswap import paths
 from loraswap.adapter_format import file_kind, open_adapter_file
 from loraswap.errors import IntegrityError, InvalidArgumentError
 from loraswap.registry.layout import blob_key
-from loraswap.registry.manifest import Manifest
+from loraswap.registry.manifest import ADAPTER, MODEL, Manifest
 from loraswap.registry.names import HEX_RE, digest_hex
 from loraswap.registry.store import ObjectStore, Progress
 
@@ -164,6 +165,12 @@ def download_blob(store: ObjectStore, digest: str, dest: Path, progress: Progres
         raise IntegrityError(f"blob {digest} in {store.url} is corrupt; run `loraswap registry verify`")
 
 
+def cache_root(kind: str) -> Path:
+    """The cache folder of versions of ``kind`` (``adapter``: the adapter cache; ``model``: the model
+    cache)."""
+    return paths.model_cache_dir() if kind == MODEL else paths.adapter_cache_dir()
+
+
 def cached_adapter_dir(digest: str) -> Path:
     """The cache folder of version ``digest`` (``sha256:<hex>``), whether it is there or not.
 
@@ -177,8 +184,9 @@ def cached_version(
     store: ObjectStore, manifest: Manifest, progress: Progress | None = None, rehash: bool = False
 ) -> Path:
     """The verified cache folder of ``manifest``, downloading it if absent or corrupt (``rehash``: hash
-    the cached files even when their stats say they are unchanged)."""
-    root = paths.adapter_cache_dir()
+    the cached files even when their stats say they are unchanged). An adapter goes to the adapter
+    cache, a model to the model cache (:func:`cache_root`)."""
+    root = cache_root(manifest.kind)
     final = root / manifest.hex
     if _is_real_dir(final) and not folder_problems(final, manifest, rehash):
         return final
@@ -186,7 +194,9 @@ def cached_version(
     try:
         temp.mkdir(parents=True)
     except OSError as exc:
-        raise InvalidArgumentError(f"adapter cache {root} cannot be written: {exc.strerror or exc}") from None
+        raise InvalidArgumentError(
+            f"{manifest.kind} cache {root} cannot be written: {exc.strerror or exc}"
+        ) from None
     try:
         for entry in manifest.files:
             download_blob(store, entry.digest, temp / entry.path, progress)
@@ -226,13 +236,15 @@ def _remove(folder: Path) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
 
 
-def recorded_manifest(digest: str) -> Manifest | None:
-    """The manifest kept beside the cache folder of ``digest``, if it is there and matches the digest."""
-    path = _manifest_path(cached_adapter_dir(digest))
+def recorded_manifest(digest: str, kind: str = ADAPTER) -> Manifest | None:
+    """The manifest kept beside the cache folder of ``digest`` (in the cache of ``kind``), if it is there,
+    matches the digest and is of that kind."""
+    path = _manifest_path(cache_root(kind) / digest_hex(digest))
     try:
-        return Manifest.from_bytes(path.read_bytes(), digest)
+        manifest = Manifest.from_bytes(path.read_bytes(), digest)
     except (OSError, IntegrityError):
         return None
+    return manifest if manifest.kind == kind else None
 
 
 @dataclass
@@ -255,7 +267,7 @@ class CacheCheck:
 
 
 def rehash_cache(lookup: Callable[[str], Manifest | None] | None = None) -> CacheCheck:
-    """Hash every cached version in full against its manifest.
+    """Hash every cached version (the adapter cache, then the model cache) in full against its manifest.
 
     Args:
         lookup: Where to find the manifest of a version that has none kept beside its folder (caches
@@ -265,16 +277,24 @@ def rehash_cache(lookup: Callable[[str], Manifest | None] | None = None) -> Cach
         What was intact, removed or could not be checked.
     """
     report = CacheCheck()
-    root = paths.adapter_cache_dir()
+    for kind in (ADAPTER, MODEL):
+        _rehash_root(kind, lookup, report)
+    return report
+
+
+def _rehash_root(kind: str, lookup: Callable[[str], Manifest | None] | None, report: CacheCheck) -> None:
+    root = cache_root(kind)
     try:
         names = sorted(os.listdir(root))
     except FileNotFoundError:
-        return report
+        return
     for name in names:
         if not HEX_RE.fullmatch(name):
             continue
         digest, folder = "sha256:" + name, root / name
-        manifest = recorded_manifest(digest) or (lookup(digest) if lookup else None)
+        manifest = recorded_manifest(digest, kind) or (lookup(digest) if lookup else None)
+        if manifest is not None and manifest.kind != kind:
+            manifest = None
         if manifest is None:
             _marker_path(folder).unlink(missing_ok=True)
             report.unverified.append(digest)
@@ -291,20 +311,19 @@ def rehash_cache(lookup: Callable[[str], Manifest | None] | None = None) -> Cach
             report.problems.append(f"cached version {digest} was damaged and is removed: {what}")
         else:
             report.intact.append(digest)
-    return report
 
 
 def drop_markers() -> int:
-    """Delete every stat marker of the cache, so that each version is hashed in full at its next use;
-    return how many were deleted."""
-    root = paths.adapter_cache_dir()
+    """Delete every stat marker of the adapter and model caches, so that each version is hashed in full
+    at its next use; return how many were deleted."""
     dropped = 0
-    with contextlib.suppress(FileNotFoundError):
-        for name in os.listdir(root):
-            if name.endswith(MARKER_SUFFIX) and HEX_RE.fullmatch(name.removesuffix(MARKER_SUFFIX)):
-                with contextlib.suppress(FileNotFoundError):
-                    (root / name).unlink()
-                    dropped += 1
+    for root in (paths.adapter_cache_dir(), paths.model_cache_dir()):
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(root):
+                if name.endswith(MARKER_SUFFIX) and HEX_RE.fullmatch(name.removesuffix(MARKER_SUFFIX)):
+                    with contextlib.suppress(FileNotFoundError):
+                        (root / name).unlink()
+                        dropped += 1
     return dropped
 
 

@@ -1,4 +1,4 @@
-"""``loraswap registry …``: push, pull, list, show, tag, untag, rm, gc and verify adapters."""
+"""``loraswap registry …``: push, pull, list, show, tag, untag, rm, gc, verify adapters and merged models."""
 
 from __future__ import annotations
 
@@ -11,15 +11,17 @@ REGISTRY_HELP = (
     "registry URL: a folder, file:///path or s3://bucket/prefix "
     "(default: $LORASWAP_REGISTRY, else ~/.cache/loraswap/registry)"
 )
-REF_HELP = "adapter reference: NAME (= NAME:latest), NAME:TAG or NAME@sha256:HEX"
+REF_HELP = "adapter or model reference: NAME (= NAME:latest), NAME:TAG or NAME@sha256:HEX"
 EPILOG = """\
 S3: endpoint from $LORASWAP_S3_ENDPOINT or $AWS_ENDPOINT_URL, credentials from the standard AWS
 variables; add ?conditional=false to an s3:// URL for stores that ignore If-Match/If-None-Match.
 refused (one line naming the problem, exit code 1, the store unchanged): links, pipes or devices in a
 pushed folder; a pull into a file, a link or a non-empty folder (without --force); names, tags and
-references that do not match their pattern exactly; adapters that fail validation.
+references that do not match their pattern exactly; adapters or models that fail validation; a
+merged model pushed under an adapter's name (or the reverse).
 examples:
   loraswap registry push ./out/adapter --name support-bot --tag prod --base default
+  loraswap registry push --model ./out/merged support-bot-merged:v1
   loraswap registry pull support-bot:prod ./adapter
   loraswap registry show support-bot --json
 """
@@ -29,8 +31,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``registry`` and its actions to the ``loraswap`` parser."""
     parser = subparsers.add_parser(
         "registry",
-        help="push, pull and manage LoRA adapters in a registry",
-        description="Store LoRA adapters as immutable, content-addressed versions with movable tags.",
+        help="push, pull and manage LoRA adapters and merged models in a registry",
+        description="Store LoRA adapters and merged models as immutable, content-addressed versions "
+        "with movable tags.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -47,11 +50,27 @@ def _add_push(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
     push = sub.add_parser(
         "push",
         parents=[common],
-        help="validate an adapter folder and store it as a new version (moves 'latest')",
-        description="Validate a PEFT adapter folder and push it; prints the version's digest.",
+        usage="%(prog)s DIR --name NAME [--tag TAG ...] [--base MODEL] [--description TEXT] [--max-bytes N]\n"
+        "       %(prog)s --model DIR NAME[:TAG] [--tag TAG ...] [--description TEXT]",
+        help="validate an adapter (or --model: a merged model) folder and store it as a new version "
+        "(moves 'latest')",
+        description="Validate a PEFT adapter folder (or, with --model, a merged model folder) and push "
+        "it; prints the version's digest.",
     )
-    push.add_argument("folder", metavar="DIR", type=Path, help="PEFT adapter folder (save_pretrained output)")
-    push.add_argument("--name", required=True, help="adapter name: [a-z0-9][a-z0-9._-]{0,63}")
+    push.add_argument(
+        "folder",
+        metavar="DIR | NAME[:TAG]",
+        nargs="?",
+        help="PEFT adapter folder (save_pretrained output); with --model: the model's NAME[:TAG]",
+    )
+    push.add_argument(
+        "--model",
+        metavar="DIR",
+        type=Path,
+        help="push this merged model folder (loraswap merge output: config, safetensors, tokenizer, "
+        "loraswap-merge.json) as a model version",
+    )
+    push.add_argument("--name", help="adapter name: [a-z0-9][a-z0-9._-]{0,63}")
     push.add_argument("--tag", action="append", default=[], metavar="TAG", help="also set TAG (repeatable)")
     push.add_argument(
         "--base",
@@ -108,7 +127,7 @@ def _add_read_actions(sub: argparse._SubParsersAction, common: argparse.Argument
     verify.add_argument(
         "--cache",
         action="store_true",
-        help="re-hash the local adapter cache instead of the registry; damaged copies are removed "
+        help="re-hash the local adapter and model caches instead of the registry; damaged copies are removed "
         "(their next pull fetches them again)",
     )
     verify.set_defaults(func=_verify)
@@ -144,13 +163,36 @@ def _open(args: argparse.Namespace, **options: object):
 
 
 def _push(args: argparse.Namespace) -> int:
+    from loraswap.errors import InvalidArgumentError
     from loraswap.models import resolve_base
 
+    if args.model is not None:
+        return _push_model(args)
+    if args.folder is None or args.name is None:
+        raise InvalidArgumentError(
+            "push needs DIR --name NAME (or --model DIR NAME[:TAG] for a merged model)"
+        )
     base = resolve_base(args.base) if args.base else None
     options = {"max_bytes": args.max_bytes} if args.max_bytes is not None else {}
-    manifest = _open(args, **options).push(args.folder, args.name, args.tag, base, args.description)
+    manifest = _open(args, **options).push(Path(args.folder), args.name, args.tag, base, args.description)
     tags = ", ".join(dict.fromkeys(["latest", *args.tag]))
     print(f"pushed {manifest.name}@{manifest.digest} ({manifest.size} bytes; tags: {tags})")
+    return 0
+
+
+def _push_model(args: argparse.Namespace) -> int:
+    from loraswap.errors import InvalidArgumentError
+
+    for option, value in (("--base", args.base), ("--max-bytes", args.max_bytes)):
+        if value is not None:
+            raise InvalidArgumentError(f"{option} applies to adapters, not to --model")
+    if (args.folder is None) == (args.name is None):
+        raise InvalidArgumentError("push --model DIR needs the model's NAME[:TAG] (once)")
+    ref = args.folder if args.folder is not None else args.name
+    manifest = _open(args).push_model(args.model, ref, args.description, tags=args.tag)
+    own = [ref.partition(":")[2]] if ":" in ref else []
+    tags = ", ".join(dict.fromkeys(["latest", *own, *args.tag]))
+    print(f"pushed model {manifest.name}@{manifest.digest} ({manifest.size} bytes; tags: {tags})")
     return 0
 
 
@@ -177,21 +219,24 @@ def _list(args: argparse.Namespace) -> int:
         rows = [{**e.manifest.to_dict(), "tags": list(e.tags)} for e in entries]
         print(json.dumps(rows, indent=2))
         return _warn(problems)
-    print(f"{'NAME':<24} {'DIGEST':<19} {'RANK':>4} {'SIZE':>10}  {'CREATED':<25} TAGS")
+    print(f"{'NAME':<24} {'KIND':<7} {'DIGEST':<19} {'RANK':>4} {'SIZE':>12}  {'CREATED':<25} TAGS")
     for entry in entries:
         m = entry.manifest
-        short = m.digest[:19]
-        print(f"{m.name:<24} {short:<19} {m.rank:>4} {m.size:>10}  {m.created:<25} {','.join(entry.tags)}")
+        short, rank = m.digest[:19], m.rank if m.kind == "adapter" else "-"
+        tags = ",".join(entry.tags)
+        print(f"{m.name:<24} {m.kind:<7} {short:<19} {rank:>4} {m.size:>12}  {m.created:<25} {tags}")
     return _warn(problems)
 
 
 def _show(args: argparse.Namespace) -> int:
-    info = _open(args).resolve(args.ref).to_dict()
+    info = _open(args).resolve(args.ref, kind=None).to_dict()
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    for key in ("name", "digest", "created", "description", "size"):
+    for key in ("name", "kind", "digest", "created", "description", "size"):
         print(f"{key + ':':<18}{info[key]}")
+    if info["kind"] == "model":
+        return _show_model(info)
     adapter, base = info["adapter"], info["base"]
     print(f"{'rank / alpha:':<18}{adapter['rank']} / {adapter['alpha']} (rslora: {adapter['use_rslora']})")
     print(f"{'targets:':<18}{', '.join(adapter['target_modules'])}")
@@ -202,6 +247,29 @@ def _show(args: argparse.Namespace) -> int:
         print(f"  {entry['path']:<28}{entry['size']:>12}  {entry['digest']}")
     training = info.get("training")
     print("training:" + (" none" if not training else "\n" + json.dumps(training, indent=2)))
+    return 0
+
+
+def _show_model(info: dict) -> int:
+    model, base, lineage = info["model"], info["base"], info["lineage"]
+    print(f"{'architecture:':<18}{model['architecture'] or '-'} ({model['model_type']})")
+    print(f"{'dtype:':<18}{model['dtype']}")
+    print(f"{'parameters:':<18}{model['parameters']}")
+    sizes = ", ".join(f"{key} {model[key]}" for key in ("num_hidden_layers", "hidden_size", "vocab_size"))
+    print(f"{'shape:':<18}{sizes}")
+    print(f"{'base:':<18}{base['model_id']} ({base['fingerprint'] or 'no fingerprint'})")
+    print("files:")
+    for entry in info["files"]:
+        print(f"  {entry['path']:<36}{entry['size']:>14}  {entry['digest']}")
+    if not lineage:
+        print("lineage: none (no loraswap-merge.json)")
+        return 0
+    print(f"lineage:\n  {'method:':<16}{lineage['method']} {json.dumps(lineage['parameters'])}")
+    for adapter in lineage["adapters"]:
+        what = adapter["ref"] or adapter["name"] or "-"
+        print(f"  {'adapter:':<16}{adapter['weight']:g} x {what} {adapter['digest']}")
+    by = f"loraswap {lineage['loraswap_version']} at {lineage['created']} (dtype {lineage['dtype']})"
+    print(f"  {'merged by:':<16}{by}")
     return 0
 
 
@@ -259,7 +327,7 @@ def _verify_cache(registry) -> int:
         print(problem)
     for digest in report.unverified:
         print(f"cached version {digest}: no manifest found to check it against; its next pull hashes it")
-    cache = paths.adapter_cache_dir()
+    cache = f"{paths.adapter_cache_dir()} and {paths.model_cache_dir()}"
     if report.problems:
         print(f"loraswap: error: {len(report.problems)} damaged versions in {cache}", file=sys.stderr)
         return 1

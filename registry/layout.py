@@ -4,6 +4,11 @@
     adapters/<name>/manifests/<hex>         one immutable manifest per version (digest = <hex>)
     adapters/<name>/tags/<tag>              {"digest": "sha256:<hex>", "writer": nonce, "updated": time}
 
+Merged models live under the same ``adapters/<name>/`` keys as adapters (their manifests say
+``"kind": "model"``; a name holds one kind): one name space, so a reference names one version whatever
+its kind, and a loraswap that predates models still sees their manifests (its ``gc`` keeps the blobs a
+manifest it cannot parse names, instead of collecting them as unreferenced).
+
 A push writes blobs first, then the manifest, then moves the tags, so a version is visible only once
 complete and a tag never points at a missing manifest. Every key is built from a checked name, tag or
 hex digest (see :mod:`loraswap.registry.names`).

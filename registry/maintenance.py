@@ -145,9 +145,11 @@ def _blob_problems(store: ObjectStore) -> tuple[dict[str, int], set[str], list[s
 
 def verify_store(store: ObjectStore) -> list[str]:
     """Every problem in the store: corrupt or unreadable blobs and manifests, missing blobs, dangling
-    tags, and keys that fit no part of the layout. One bad entry never stops the check of the others."""
+    tags, keys that fit no part of the layout, and a name holding both adapters and merged models. One
+    bad entry never stops the check of the others."""
     sizes, corrupt, problems = _blob_problems(store)
     versions: set[tuple[str, str]] = set()
+    kinds: dict[str, set[str]] = {}
     for name, hex_digest in _manifest_keys(store):
         digest = "sha256:" + hex_digest
         try:
@@ -156,6 +158,7 @@ def verify_store(store: ObjectStore) -> list[str]:
             problems.append(f"{name}@{digest}: {exc}")
             continue
         versions.add((name, digest))
+        kinds.setdefault(name, set()).add(manifest.kind)
         for entry in manifest.files:
             if entry.digest in corrupt:
                 problems.append(f"{name}@{digest}: file {entry.path} is in corrupt blob {entry.digest}")
@@ -163,6 +166,12 @@ def verify_store(store: ObjectStore) -> list[str]:
                 problems.append(f"{name}@{digest}: blob {entry.digest} of {entry.path} is missing")
             elif entry.digest in sizes and sizes[entry.digest] != entry.size:
                 problems.append(f"{name}@{digest}: {entry.path} has the wrong size")
+    for name, found in sorted(kinds.items()):
+        if len(found) > 1:
+            problems.append(
+                f"{name} holds both adapters and merged models (a name holds one kind; "
+                "`loraswap registry rm` the versions of one kind)"
+            )
     for info in store.list(ADAPTERS):
         parts = split_adapter_key(info.key)
         if not parts:

@@ -7,7 +7,9 @@ A pull writes nothing but the adapter's files, and only inside DEST:
 * with ``force``, DEST may hold other entries: the adapter's file names (``adapter_config.json``,
   ``adapter_model.safetensors``, ``README.md``, ``training_metadata.json``) are replaced by the
   version's files, such a name that the version lacks is removed (so DEST never mixes two versions),
-  and every other entry is left alone; a folder under one of those names is refused;
+  and every other entry is left alone; a folder under one of those names is refused (for a merged model,
+  its file names are those a model folder may hold: ``config.json``, ``model*.safetensors``, the
+  tokenizer's files...; see :data:`~loraswap.registry.validate_model.MODEL_FILES`);
 * every file is written to a fresh temporary name in DEST (created exclusively, so never through a
   link) and renamed over its final name: a link at that name is replaced, never followed. All of it is
   done relative to one descriptor of DEST opened without following links, so a DEST swapped for a link
@@ -29,34 +31,41 @@ from pathlib import Path
 
 from loraswap.adapter_format import file_kind
 from loraswap.errors import InvalidArgumentError
-from loraswap.registry.manifest import Manifest
+from loraswap.registry.manifest import ADAPTER, MODEL, Manifest
 from loraswap.registry.validate import ALLOWED_FILES
+from loraswap.registry.validate_model import is_model_file
 
 LINK_PROBLEM = "it is a symbolic link (links are not followed: give the folder itself)"
-FORCE_HINT = "pull into a new or empty folder, or use --force to replace the adapter's files in it"
+FORCE_HINT = "pull into a new or empty folder, or use --force to replace the {kind}'s files in it"
 
 
 def _refuse(dest: Path, problem: str) -> InvalidArgumentError:
     return InvalidArgumentError(f"cannot pull into {dest}: {problem}")
 
 
-def _entry_problems(names: set[str], mode_of: Callable[[str], int], force: bool) -> str | None:
+def owns(kind: str) -> Callable[[str], bool]:
+    """Whether a file name belongs to a version of ``kind`` (what ``--force`` replaces or removes)."""
+    return is_model_file if kind == MODEL else ALLOWED_FILES.__contains__
+
+
+def _entry_problems(names: set[str], mode_of: Callable[[str], int], force: bool, kind: str) -> str | None:
     """Why a folder holding ``names`` cannot take the pull (``mode_of``: an entry's ``lstat`` mode)."""
     if names and not force:
-        return f"the folder is not empty ({FORCE_HINT})"
-    for name in sorted(ALLOWED_FILES & names):
+        return f"the folder is not empty ({FORCE_HINT.format(kind=kind)})"
+    for name in sorted(filter(owns(kind), names)):
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISDIR(mode_of(name)):
                 return f"{name} in it is a folder, not a file (remove it first)"
     return None
 
 
-def check_dest(dest: Path, force: bool = False) -> None:
-    """Refuse a ``dest`` that :func:`copy_to_dest` would refuse (before anything is downloaded).
+def check_dest(dest: Path, force: bool = False, kind: str = ADAPTER) -> None:
+    """Refuse a ``dest`` that :func:`copy_to_dest` would refuse (before anything is downloaded) for a
+    version of ``kind``.
 
     Raises:
         InvalidArgumentError: ``dest`` is a link, not a folder, not empty (without ``force``), holds a
-            folder under an adapter file name, or cannot be read.
+            folder under a file name of the version's kind, or cannot be read.
     """
     dest = Path(dest)
     try:
@@ -75,7 +84,7 @@ def check_dest(dest: Path, force: bool = False) -> None:
         names = set(os.listdir(dest))
     except OSError as exc:
         raise _refuse(dest, f"it cannot be read: {exc.strerror or exc}") from None
-    problem = _entry_problems(names, lambda name: os.lstat(dest / name).st_mode, force)
+    problem = _entry_problems(names, lambda name: os.lstat(dest / name).st_mode, force, kind)
     if problem:
         raise _refuse(dest, problem)
 
@@ -107,13 +116,15 @@ def copy_to_dest(folder: Path, manifest: Manifest, dest: Path, force: bool = Fal
     fd = _open_dest(dest)
     try:
         names = set(os.listdir(fd))
-        problem = _entry_problems(names, lambda name: os.lstat(name, dir_fd=fd).st_mode, force)
+        mode_of = lambda name: os.lstat(name, dir_fd=fd).st_mode  # noqa: E731
+        problem = _entry_problems(names, mode_of, force, manifest.kind)
         if problem:
             raise _refuse(dest, problem)
         for entry in manifest.files:
             _install(fd, folder / entry.path, entry.path, dest)
         if force:
-            for name in sorted(ALLOWED_FILES - {entry.path for entry in manifest.files}):
+            owned = ALLOWED_FILES if manifest.kind == ADAPTER else set(filter(is_model_file, names))
+            for name in sorted(owned - {entry.path for entry in manifest.files}):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(name, dir_fd=fd)  # a link is removed itself, its target untouched
     except OSError as exc:

@@ -1,4 +1,12 @@
-"""The adapter registry: push, resolve, pull, list, tag, untag, rm, gc, verify over an :class:`ObjectStore`.
+"""The registry: push, resolve, pull, list, tag, untag, rm, gc, verify over an :class:`ObjectStore`.
+
+It holds two kinds of version (:data:`~loraswap.registry.manifest.KINDS`): LoRA **adapters** and merged
+**models** (standalone HF folders, ``loraswap merge`` output), with the same blobs, tags, verification
+and gc. A name holds versions of one kind only (a push of the other kind to it is refused), so a tag
+never moves from an adapter to a model. The adapter paths (:meth:`Registry.resolve`, used by the
+server's adapter manager for every request) refuse a model reference, and the model paths
+(:meth:`Registry.resolve_model`, :meth:`Registry.pull_model`) an adapter reference, with a
+:class:`WrongKindError` naming the kind.
 
 See :mod:`loraswap.registry.layout` for the keys and the write order that makes a push visible only once
 complete, and :mod:`loraswap.registry.cache` for the pulling side.
@@ -33,11 +41,12 @@ from loraswap.registry.maintenance import (
     collect_garbage,
     verify_store,
 )
-from loraswap.registry.manifest import FileEntry, Manifest
+from loraswap.registry.manifest import ADAPTER, MODEL, FileEntry, Manifest
 from loraswap.registry.names import LATEST, check_name, check_tag, name_problem, parse_ref, tag_problem
 from loraswap.registry.pull_dest import check_dest, copy_to_dest
 from loraswap.registry.store import ObjectStore, Progress, open_store
 from loraswap.registry.validate import DEFAULT_MAX_BYTES, AdapterSummary, validate_adapter_dir
+from loraswap.registry.validate_model import ModelSummary, validate_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,37 @@ def check_max_bytes(value: object, what: str = "max_bytes") -> int:
     return value
 
 
+class WrongKindError(InvalidArgumentError):
+    """A reference to a version of the other kind: a merged model where an adapter is needed, or the
+    reverse.
+
+    Attributes:
+        ref: The reference given.
+        kind: The kind of the version it names (``adapter`` or ``model``).
+        expected: The kind the caller needed.
+    """
+
+    def __init__(self, ref: str, kind: str, expected: str) -> None:
+        self.ref, self.kind, self.expected = ref, kind, expected
+        if kind == MODEL:
+            message = (
+                f"{ref} is a merged model, not an adapter; serve it with --route ADAPTER_REF={ref} "
+                f"(or fetch it with `loraswap registry pull {ref}`)"
+            )
+        else:
+            message = (
+                f"{ref} is an adapter, not a merged model; serve it as an adapter, or merge it first "
+                f"(`loraswap merge --base MODEL --adapter {ref} --output DIR --push NAME`)"
+            )
+        super().__init__(message)
+
+
+def _kind_problem(name: str, existing: str, wanted: str) -> str:
+    if existing == ADAPTER:
+        return f"{name} holds adapters; a merged model needs a name of its own (e.g. {name}-merged)"
+    return f"{name} holds merged models; an adapter needs a name of its own"
+
+
 @dataclass(frozen=True)
 class VersionEntry:
     """One row of ``list``: a version and the tags that point at it.
@@ -73,7 +113,7 @@ class VersionEntry:
 
 
 class Registry:
-    """An adapter registry over one object store.
+    """A registry of adapters and merged models over one object store.
 
     Args:
         store: Where blobs, manifests and tags live.
@@ -137,31 +177,115 @@ class Registry:
             AdapterValidationError: Listing every problem with the folder, name and tags.
             ConflictError: A tag kept changing under concurrent writers.
         """
-        summary = self._validate(Path(folder), name, tags, base)
+        summary, prior = self._validate(Path(folder), name, tags, base)
         with self._bar(summary.total_bytes, f"push {name}") as progress:
             files = tuple(self._upload(summary.folder / file, progress) for file in summary.files)
         manifest = _new_manifest(name, summary, files, base, description)
+        return self._publish(manifest, summary.folder, prior, (LATEST, *tags))
+
+    def push_model(
+        self, folder: Path, ref: str, description: str | None = None, *, tags: Sequence[str] = ()
+    ) -> Manifest:
+        """Validate a merged-model folder and store it as a version of ``ref``'s name; move ``latest``,
+        ``ref``'s tag (if it names one) and ``tags`` to it.
+
+        The folder is checked in full before anything is written
+        (:func:`~loraswap.registry.validate_model.validate_model_dir`); every file is hashed and uploaded
+        by chunks, never read whole. Push order and atomicity are those of :meth:`push`.
+
+        Args:
+            folder: A standalone HF model folder (``loraswap merge`` output).
+            ref: ``NAME`` or ``NAME:TAG``.
+            description: Free text kept with the version.
+            tags: Extra tags to point at the version.
+
+        Returns:
+            The version's manifest (``kind == "model"``; the first push's annotations if this content
+            was pushed before).
+
+        Raises:
+            InvalidArgumentError: Listing every problem with the folder, the reference and the tags
+                (also when the name holds adapters).
+            ConflictError: A tag kept changing under concurrent writers, or an adapter was pushed under
+                the same new name at the same time.
+        """
+        name, tags, problems = _push_target(ref, tags)
+        prior = None
+        if not problems:
+            prior = self._first_kind(name)
+            if prior not in (None, MODEL):
+                problems.append(_kind_problem(name, prior, MODEL))
+        try:
+            summary = validate_model_dir(Path(folder))
+        except InvalidArgumentError as exc:
+            raise _refusal(f"cannot push {folder}", problems + exc.problems, InvalidArgumentError) from None
+        if problems:
+            raise _refusal(f"cannot push {folder}", problems, InvalidArgumentError)
+        with self._bar(summary.total_bytes, f"push {name}") as progress:
+            files = tuple(self._upload(summary.folder / file, progress) for file in summary.files)
+        manifest = _new_model_manifest(name, summary, files, description)
+        return self._publish(manifest, summary.folder, prior, (LATEST, *tags))
+
+    def _publish(self, manifest: Manifest, folder: Path, prior: str | None, tags: Sequence[str]) -> Manifest:
+        """Write the manifest of uploaded files (put-if-absent), then move ``tags`` to it."""
+        name = manifest.name
         key = layout.manifest_key(name, manifest.digest)
-        if not self.store.put_if_absent(key, manifest.to_bytes()):
+        if self.store.put_if_absent(key, manifest.to_bytes()):
+            if prior is None:
+                self._claim_name(manifest)
+        else:
             manifest = self._manifest(name, manifest.digest)
-        for entry in files:  # a concurrent gc may have taken a reused blob before the manifest existed
+        for entry in manifest.files:  # a concurrent gc may have taken a reused blob before the manifest
             if self.store.stat(layout.blob_key(entry.digest)) is None:
-                self.store.put(layout.blob_key(entry.digest), summary.folder / entry.path)
-        for tag in dict.fromkeys((LATEST, *tags)):
+                self.store.put(layout.blob_key(entry.digest), folder / entry.path)
+        for tag in dict.fromkeys(tags):
             self._move_tag(name, tag, manifest.digest)
         return manifest
 
+    def _manifest_kinds(self, name: str, skip: str | None = None) -> Iterator[str]:
+        """The kind of each readable version of ``name`` (but ``skip``), one manifest read each."""
+        for info in self.store.list(layout.manifests_prefix(name)):
+            parts = layout.split_adapter_key(info.key)
+            if not parts or parts[1] != "manifests" or "sha256:" + parts[2] == skip:
+                continue
+            try:
+                yield self._manifest(name, "sha256:" + parts[2]).kind
+            except LoraswapError:
+                continue
+
+    def _first_kind(self, name: str) -> str | None:
+        """The kind of ``name``'s versions (a name holds one kind), or ``None`` for a new name."""
+        return next(self._manifest_kinds(name), None)
+
+    def _claim_name(self, manifest: Manifest) -> None:
+        """After the first manifest of a new name was written: if a version of the other kind appeared
+        under the name meanwhile (two pushes racing), take this one back and raise ConflictError. Of two
+        racing writers at least the later one to list sees the other's manifest, so both kinds never
+        stay."""
+        others = set(self._manifest_kinds(manifest.name, skip=manifest.digest)) - {manifest.kind}
+        if others:
+            self.store.delete(layout.manifest_key(manifest.name, manifest.digest))
+            raise ConflictError(
+                f"cannot push {manifest.name}: "
+                f"{_kind_problem(manifest.name, others.pop(), manifest.kind)} (pushed meanwhile)"
+            )
+
     def _validate(
         self, folder: Path, name: str, tags: Sequence[str], base: BaseModelRef | None
-    ) -> AdapterSummary:
+    ) -> tuple[AdapterSummary, str | None]:
         problems = [p for p in (name_problem(name), *(tag_problem(t) for t in tags)) if p]
+        prior = None
+        if not problems:
+            prior = self._first_kind(name)
+            if prior not in (None, ADAPTER):
+                problems.append(_kind_problem(name, prior, ADAPTER))
         try:
             summary = validate_adapter_dir(folder, base, self.max_bytes)
         except AdapterValidationError as exc:
             raise _refusal(f"cannot push {folder}", problems + exc.problems) from None
         if problems:
             raise _refusal(f"cannot push {folder}", problems)
-        return summary
+        return summary, prior
 
     def _upload(self, path: Path, progress: Progress | None) -> FileEntry:
         """Store one file as a blob (blobs first: nothing refers to it yet)."""
@@ -216,9 +340,10 @@ class Registry:
         return found
 
     def tag(self, ref: str, tag: str) -> Manifest:
-        """Point ``tag`` of the referenced adapter at the referenced version; return that version."""
+        """Point ``tag`` of the referenced name (adapter or model) at the referenced version; return
+        that version."""
         check_tag(tag)
-        manifest = self.resolve(ref)
+        manifest = self.resolve(ref, kind=None)
         self._move_tag(manifest.name, tag, manifest.digest)
         return manifest
 
@@ -239,27 +364,59 @@ class Registry:
         # the annotations are not hashed: the name is the one the version was found under
         return dataclasses.replace(Manifest.from_bytes(data, digest), name=name)
 
-    def resolve(self, ref: str) -> Manifest:
+    def resolve(self, ref: str, kind: str | None = ADAPTER) -> Manifest:
         """The manifest ``ref`` (``name``, ``name:tag`` or ``name@sha256:<hex>``) names.
 
+        This is the adapter path by default (the server's adapter manager resolves every request's
+        adapter here): a merged model's reference is refused.
+
+        Args:
+            ref: The reference.
+            kind: The kind of version wanted (``"adapter"``, ``"model"``), or ``None`` for either.
+
         Raises:
-            NotFoundError: Unknown adapter, tag or version.
+            NotFoundError: Unknown name, tag or version.
+            WrongKindError: ``ref`` names a version of another kind than ``kind``.
         """
         parsed = parse_ref(ref)
         if parsed.digest:
-            return self._manifest(parsed.name, parsed.digest)
+            return _of_kind(self._manifest(parsed.name, parsed.digest), ref, kind)
         target = self._read_tag(parsed.name, parsed.tag or LATEST)
         if target is None:
             if not any(True for _ in self.store.list(f"{layout.ADAPTERS}{parsed.name}/")):
-                raise NotFoundError(f"adapter {parsed.name!r} not found in {self.url}")
+                what = "model" if kind == MODEL else "adapter"
+                raise NotFoundError(f"{what} {parsed.name!r} not found in {self.url}")
             raise NotFoundError(f"tag {parsed} not found in {self.url}")
-        return self._manifest(parsed.name, target[0])
+        return _of_kind(self._manifest(parsed.name, target[0]), ref, kind)
+
+    def resolve_model(self, ref: str) -> Manifest:
+        """The manifest of the merged model ``ref`` names.
+
+        Raises:
+            NotFoundError: Unknown name, tag or version.
+            WrongKindError: ``ref`` names an adapter.
+        """
+        return self.resolve(ref, kind=MODEL)
+
+    def pull_model(self, ref: str, dest: Path | None = None, rehash: bool = False) -> Path:
+        """Fetch a merged model into the verified model cache (``paths.model_cache_dir()/<hex>/``,
+        reused when intact) and return its folder, or copy it into ``dest`` (a new or empty folder)
+        and return ``dest``. ``rehash`` as in :meth:`pull`.
+
+        Raises:
+            NotFoundError: Unknown name, tag or version.
+            WrongKindError: ``ref`` names an adapter.
+            InvalidArgumentError: ``dest`` is refused (the reason is in the message).
+        """
+        return self._pull(self.resolve_model(ref), dest, rehash, False)
 
     def pull(self, ref: str, dest: Path | None = None, rehash: bool = False, force: bool = False) -> Path:
-        """Fetch a version into the verified local cache (reused when intact) and return its folder.
+        """Fetch a version (adapter or model) into the verified local cache (reused when intact) and
+        return its folder: ``paths.adapter_cache_dir()/<hex>/`` for an adapter,
+        ``paths.model_cache_dir()/<hex>/`` for a model.
 
         Args:
-            ref: Adapter reference.
+            ref: Reference of an adapter or a model.
             dest: Also copy the files there and return it instead of the cache folder. ``dest`` must be
                 a new or empty folder (created with its parents if missing), never a symbolic link or a
                 file; it is checked before anything is downloaded. See :mod:`loraswap.registry.pull_dest`.
@@ -268,14 +425,17 @@ class Registry:
             force: ``dest`` may hold other files: the adapter's file names in it are replaced by this
                 version's files (each written to a temporary name, then renamed over the old one; a
                 link there is replaced, never followed), an adapter file name this version lacks is
-                removed, and every other entry is left alone.
+                removed, and every other entry is left alone (a model's file names are those a model
+                folder may hold).
 
         Raises:
             InvalidArgumentError: ``dest`` is refused (the reason is in the message).
         """
-        manifest = self.resolve(ref)
+        return self._pull(self.resolve(ref, kind=None), dest, rehash, force)
+
+    def _pull(self, manifest: Manifest, dest: Path | None, rehash: bool, force: bool) -> Path:
         if dest is not None:
-            check_dest(Path(dest), force)
+            check_dest(Path(dest), force, manifest.kind)
         with self._bar(manifest.size, f"pull {manifest.name}") as progress:
             folder = cached_version(self.store, manifest, progress, rehash)
         if dest is None:
@@ -284,7 +444,7 @@ class Registry:
         return Path(dest)
 
     def names(self) -> list[str]:
-        """Every adapter name with at least one version or tag."""
+        """Every name (adapter or model) with at least one version or tag."""
         found = {
             parts[0]
             for info in self.store.list(layout.ADAPTERS)
@@ -293,7 +453,8 @@ class Registry:
         return sorted(found)
 
     def list(self, name: str | None = None, on_problem: ProblemSink = _log_problem) -> list[VersionEntry]:
-        """Versions (with their tags) of ``name``, or of every adapter; oldest first per name.
+        """Versions (with their tags) of ``name``, or of every name; oldest first per name (each
+        entry's ``manifest.kind`` says whether it is an adapter or a model).
 
         A manifest or tag that cannot be read is told to ``on_problem`` (default: logged as a warning)
         and skipped: one bad entry never hides the rest of the store.
@@ -329,7 +490,7 @@ class Registry:
         Raises:
             ConflictError: The version is tagged and ``force`` is false (with force, its tags go too).
         """
-        manifest = self.resolve(ref)
+        manifest = self.resolve(ref, kind=None)
         tags = sorted(self._tags_of(manifest.name).get(manifest.digest, []))
         if tags and not force:
             raise ConflictError(
@@ -353,8 +514,9 @@ class Registry:
         return verify_store(self.store)
 
     def verify_cache(self) -> CacheCheck:
-        """Re-hash every version in the local adapter cache (:func:`loraswap.registry.cache.rehash_cache`);
-        a version with no manifest kept beside it is looked up in this registry."""
+        """Re-hash every version in the local adapter and model caches
+        (:func:`loraswap.registry.cache.rehash_cache`); a version with no manifest kept beside it is
+        looked up in this registry."""
         return rehash_cache(self._find_manifest)
 
     def _find_manifest(self, digest: str) -> Manifest | None:
@@ -367,14 +529,56 @@ class Registry:
         return None
 
 
-def _refusal(what: str, problems: list[str]) -> AdapterValidationError:
+def _refusal(
+    what: str, problems: list[str], cls: type[InvalidArgumentError] = AdapterValidationError
+) -> InvalidArgumentError:
     """The error of a refused push: one line when there is one problem, else one line per problem
     under ``what`` (``problems`` carries them either way)."""
     if len(problems) != 1:
-        return AdapterValidationError(what, problems)
-    error = AdapterValidationError(f"{what}: {problems[0]}")
+        return cls(what, problems)
+    error = cls(f"{what}: {problems[0]}")
     error.problems = list(problems)
     return error
+
+
+def _of_kind(manifest: Manifest, ref: str, kind: str | None) -> Manifest:
+    if kind is not None and manifest.kind != kind:
+        raise WrongKindError(ref, manifest.kind, kind)
+    return manifest
+
+
+def _push_target(ref: str, tags: Sequence[str]) -> tuple[str, tuple[str, ...], list[str]]:
+    """(name, tags, problems) of a push to ``NAME[:TAG]`` with extra ``tags``."""
+    if not isinstance(ref, str) or "@" in ref:
+        problem = f"push takes NAME or NAME:TAG, not {ref!r} (a version's digest comes from its files)"
+        return "", (), [problem]
+    name, sep, tag = ref.partition(":")
+    wanted = (tag, *tags) if sep else tuple(tags)
+    problems = [p for p in (name_problem(name), *(tag_problem(t) for t in wanted)) if p]
+    return name, wanted, problems
+
+
+def _new_model_manifest(
+    name: str, summary: ModelSummary, files: tuple[FileEntry, ...], description: str | None
+) -> Manifest:
+    """The manifest of a validated model folder whose files were stored as ``files``."""
+    lineage = summary.lineage
+    return Manifest.build(
+        name=name,
+        files=files,
+        rank=0,
+        alpha=0.0,
+        target_modules=(),
+        use_rslora=False,
+        dtype=summary.info.dtype,
+        base_model_id=lineage.base_model_id if lineage else None,
+        base_fingerprint=lineage.base_fingerprint if lineage else None,
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        description=description,
+        kind=MODEL,
+        model=summary.info,
+        lineage=lineage,
+    )
 
 
 def _new_manifest(

@@ -190,8 +190,11 @@ def _entry_problem(name: str, info: Any, data_size: int) -> tuple[TensorEntry | 
     return TensorEntry(dtype, list(shape), begin, end), None
 
 
-def read_safetensors_header(handle: BinaryIO, size: int) -> tuple[dict[str, TensorEntry], int, list[str]]:
-    """Read and check the header of a safetensors file open as ``handle`` (``size`` bytes).
+def read_safetensors_header(
+    handle: BinaryIO, size: int, file_name: str = ADAPTER_WEIGHTS
+) -> tuple[dict[str, TensorEntry], int, list[str]]:
+    """Read and check the header of a safetensors file open as ``handle`` (``size`` bytes; ``file_name``
+    names it in the problems).
 
     The rules are the safetensors library's: an 8-byte little-endian header length of at most
     :data:`MAX_HEADER_BYTES` that fits the file; a UTF-8 JSON object; an optional ``__metadata__``
@@ -204,7 +207,7 @@ def read_safetensors_header(handle: BinaryIO, size: int) -> tuple[dict[str, Tens
         Tensor name → entry, the offset of the data section in the file, and the problems (at most
         :data:`MAX_PROBLEMS_PER_FILE`; the entries are empty when there are any).
     """
-    bad = f"{ADAPTER_WEIGHTS} is not a readable safetensors file"
+    bad = f"{file_name} is not a readable safetensors file"
     if size < 8:
         return {}, 0, [f"{bad}: {size} bytes is too short"]
     head = handle.read(8)
