@@ -20,7 +20,9 @@ COMMAND_MODULES = (
     "loraswap.registry.cli",
     "loraswap.models.cli",
     "loraswap.server.cli",
+    "loraswap.server.health_cli",
     "loraswap.trainer.cli",
+    "loraswap.merge.cli",
 )
 
 
