@@ -220,13 +220,25 @@ class AdapterManager:
 
     # -- device slots (engine thread / step lock) ------------------------------------------------
 
-    def activate(self, adapter: HostAdapter) -> int | None:
-        """Put ``adapter`` in a device slot (copying if needed); None when every slot is busy."""
+    def slot_snapshot(self) -> tuple[list[tuple[str, int, bool]], int]:
+        """The slot table now: ``(digest, requests using it, pinned)`` of each resident adapter, least
+        recently used first, and the number of empty slots."""
+        with self._lock:
+            return self.slots.residents(), self.slots.free_slots
+
+    def activate(self, adapter: HostAdapter, victim: str | None = None) -> int | None:
+        """Put ``adapter`` in a device slot (copying if needed); None when every slot is busy.
+
+        Args:
+            adapter: The host copy to make resident.
+            victim: The idle resident adapter to evict when no slot is free (default: the least
+                recently used idle one); None is returned when it is not resident, in use or pinned.
+        """
         host_evicted: list[str] = []
         with self._lock:
-            if not self.slots.can_place(adapter.digest):
+            if not self.slots.can_place(adapter.digest, victim):
                 return None
-            slot, evicted, copy = self.slots.place(adapter.digest)
+            slot, evicted, copy = self.slots.place(adapter.digest, victim)
             self._track(adapter.name, adapter.digest)  # it may have been forgotten while in no tier
             if copy:  # keep the host copy warm while it is on the device
                 host_evicted = self.host.put(adapter, keep=set(self.slots.keys()))

@@ -34,24 +34,49 @@ class SlotTable:
     def keys(self) -> list[str]:
         return self._slot_of.keys()
 
-    def can_place(self, key: str) -> bool:
-        """Whether ``key`` is resident or could be made resident now."""
-        return key in self._slot_of or bool(self._free) or self._victim() is not None
+    @property
+    def free_slots(self) -> int:
+        """Slots that hold no adapter."""
+        return len(self._free)
 
-    def place(self, key: str) -> tuple[int, str | None, bool]:
+    def residents(self) -> list[tuple[str, int, bool]]:
+        """``(key, requests using it, pinned)`` of every resident key, least recently used first."""
+        keys = self._slot_of.keys()  # an LRU is not iterable: keys() is its order
+        return [(key, self._in_use.get(key, 0), key in self._pinned) for key in keys]
+
+    def can_place(self, key: str, victim: str | None = None) -> bool:
+        """Whether ``key`` is resident or could be made resident now (evicting ``victim``, if given,
+        when no slot is free)."""
+        if key in self._slot_of or self._free:
+            return True
+        if victim is not None:
+            return victim in self._slot_of and not self._protected(victim)
+        return self._victim() is not None
+
+    def place(self, key: str, victim: str | None = None) -> tuple[int, str | None, bool]:
         """Make ``key`` resident. Returns (slot, evicted key or None, whether a copy is needed).
 
+        Args:
+            key: The adapter to place.
+            victim: The resident key to evict when no slot is free (default: the least recently used
+                one that is neither in use nor pinned).
+
         Raises:
-            RuntimeError: when no slot is free or evictable (check :meth:`can_place` first).
+            RuntimeError: when no slot is free or evictable, or ``victim`` is not resident or is in use
+                or pinned (check :meth:`can_place` first).
         """
         slot = self._slot_of.get(key)
         if slot is not None:
             return slot, None, False
         evicted = None
         if not self._free:
-            evicted = self._victim()
-            if evicted is None:
-                raise RuntimeError("every adapter slot is pinned or in use")
+            if not self.can_place(key, victim):
+                raise RuntimeError(
+                    f"cannot evict {victim}: it is not resident, or in use, or pinned"
+                    if victim is not None
+                    else "every adapter slot is pinned or in use"
+                )
+            evicted = victim if victim is not None else self._victim()
             self._free.append(self._slot_of.pop(evicted))
         slot = self._free.pop()
         self._slot_of.put(key, slot)

@@ -1,8 +1,9 @@
 """The engine: one resident base model serving generation requests for many adapters.
 
 Holds the :class:`Engine` (submit, admission, step loop, admin operations), the scheduling policy
-(``scheduler``), request state and handles (``request``), the packed forward (``forward``), the KV cache,
-sampling, detokenization, base loading, :class:`EngineConfig` and the public data types (``api``).
+(``scheduler``), the admission policy (``admission``), request state and handles (``request``), the
+packed forward (``forward``), the KV cache, sampling, detokenization, base loading, :class:`EngineConfig`
+and the public data types (``api``).
 
 May import :mod:`loraswap.server.adapters`, :mod:`loraswap.server.lora`, the registry and the models;
 never protobuf or gRPC. ``Engine`` and ``EngineConfig`` are importable from here.

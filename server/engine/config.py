@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loraswap.server.engine.admission import AdmissionConfig
 from loraswap.server.lora.ops import OPS
 
 QUANTIZATIONS = ("nf4", "int8", "bf16", "fp16", "fp32")
@@ -21,7 +22,8 @@ class EngineConfig:
         quantization: ``nf4`` / ``int8`` (bitsandbytes) / ``bf16`` / ``fp16`` / ``fp32``; None picks
             ``nf4`` on CUDA and ``bf16`` on CPU (NF4 on CPU is opt-in).
         device: ``cuda``, ``cuda:N`` or ``cpu``; None picks CUDA when available.
-        adapter_slots: Adapters resident on the device at once (one forward pass mixes at most this many).
+        adapter_slots: Adapters resident on the device at once (one forward pass mixes at most this many);
+            0 serves the base alone with no LoRA layers (how a route serves a merged model).
         max_rank: Largest LoRA rank accepted; slot buffers are sized for it.
         max_batch_size: Sequences decoded together (also the number of KV-cache rows).
         max_seq_len: Prompt + generated tokens per sequence (KV-cache length).
@@ -42,6 +44,15 @@ class EngineConfig:
         load_workers: Threads that fetch and parse adapters in the background.
         lora_op: ``auto`` (pick per batch), ``grouped`` (bmm over slot-buffer views), ``bgmv`` (gather +
             bmm), ``sgmv`` (per-segment matmul) or ``reference`` (per-token loop, for tests).
+        admission_policy: ``adapter-aware``: when more distinct adapters wait than there are slots,
+            requests whose adapters are resident are admitted ahead of those that need a slot (so the
+            batch stays full), the slot given up is the idle one with the fewest waiters, and every
+            wait is bounded (below); ``fifo``: arrival order, the first request that finds every slot
+            busy holds up all behind it.
+        admission_max_skips: With ``adapter-aware``: times a request may be passed over before it goes
+            first and a slot is drained for it.
+        admission_max_wait_rounds: With ``adapter-aware``: admission rounds (one per step, one more per
+            prefill between layers) a request may wait before it goes first and a slot is drained for it.
     """
 
     base: str = "default"
@@ -60,12 +71,23 @@ class EngineConfig:
     tag_ttl_s: float = 5.0
     load_workers: int = 2
     lora_op: str = "auto"
+    admission_policy: str = "adapter-aware"
+    admission_max_skips: int = 4
+    admission_max_wait_rounds: int = 32
+
+    def admission(self) -> AdmissionConfig:
+        """The admission policy's configuration."""
+        return AdmissionConfig(
+            self.admission_policy, self.admission_max_skips, self.admission_max_wait_rounds
+        )
 
     def problems(self) -> list[str]:
         out = []
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             out.append(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
-        for name in ("adapter_slots", "max_rank", "max_batch_size", "max_seq_len", "prefill_chunk"):
+        if self.adapter_slots < 0:
+            out.append(f"adapter_slots must be >= 0, got {self.adapter_slots}")
+        for name in ("max_rank", "max_batch_size", "max_seq_len", "prefill_chunk"):
             if getattr(self, name) < 1:
                 out.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue < 0:
@@ -74,4 +96,5 @@ class EngineConfig:
             out.append(f"prefill_policy must be separate or mixed, got {self.prefill_policy!r}")
         if self.lora_op not in LORA_OPS:
             out.append(f"lora_op must be one of {LORA_OPS}, got {self.lora_op!r}")
+        out += self.admission().problems()
         return out

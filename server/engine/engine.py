@@ -1,7 +1,8 @@
 """The multi-LoRA engine: one resident base, per-request adapters, iteration-level batching.
 
-A background thread (the engine thread) runs steps. Each step admits waiting requests (FIFO, as KV
-rows and adapter slots allow), asks the :class:`~loraswap.server.engine.scheduler.Scheduler` for one
+A background thread (the engine thread) runs steps. Each step admits waiting requests (as the
+:class:`~loraswap.server.engine.admission.AdmissionPolicy` picks them within the free KV rows and adapter
+slots), asks the :class:`~loraswap.server.engine.scheduler.Scheduler` for one
 packed batch of decode tokens plus bounded prefill chunks, runs one forward pass, samples, and streams
 tokens back. Requests join and leave at step boundaries (or between the layers of a decode step, for
 a prefill: see the scheduler).
@@ -33,6 +34,7 @@ from loraswap.errors import (
 from loraswap.models import base_fingerprint, resolve_base
 from loraswap.server.adapters.manager import AdapterManager
 from loraswap.server.adapters.reader import BaseShape, HostAdapter
+from loraswap.server.engine.admission import AdmissionPolicy, Resident, Waiter
 from loraswap.server.engine.api import (
     AdapterStatus,
     EngineInfo,
@@ -53,6 +55,7 @@ from loraswap.server.engine.kv_cache import KVCache
 from loraswap.server.engine.request import RequestHandle, RequestState
 from loraswap.server.engine.sampling import SamplerState, sample_batch
 from loraswap.server.engine.scheduler import Plan, Scheduler
+from loraswap.server.lora.context import LoraContext
 from loraswap.server.lora.layer import install_lora_layers
 
 log = logging.getLogger(__name__)
@@ -89,7 +92,10 @@ class Engine:
         self.tokenizer = self.loaded.tokenizer
         model = self.loaded.model
         dtype = self.loaded.compute_dtype
-        context, layers = install_lora_layers(model, config.adapter_slots, config.max_rank, dtype)
+        if config.adapter_slots:
+            context, layers = install_lora_layers(model, config.adapter_slots, config.max_rank, dtype)
+        else:  # a merged model's engine (a route): plain projections, no LoRA work per token
+            context, layers = LoraContext(max_rank=config.max_rank), {}
         shape = BaseShape(
             {n: (m.in_features, m.out_features) for n, m in layers.items()}, config.max_rank, self.fingerprint
         )
@@ -117,6 +123,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.scheduler = Scheduler(config.prefill_policy, config.prefill_chunk, config.prefill_between_layers)
+        self.admission = AdmissionPolicy(config.admission())  # engine thread only, like the request lists
         self.draining = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -161,6 +168,11 @@ class Engine:
         adapter errors (unknown, invalid, incompatible) are raised from the handle."""
         if self.draining:
             raise DrainingError("the server is draining and takes no new requests")
+        if request.adapter and not self.config.adapter_slots:
+            raise InvalidArgumentError(
+                f"this engine serves a merged model and has no adapter slots; adapter {request.adapter!r}"
+                " cannot be applied"
+            )
         prompt_ids = self._encode(request)
         with self._cv:
             if self.queue_depth() >= self.config.max_queue:
@@ -302,22 +314,36 @@ class Engine:
                 self._remove(state)
 
     def _admit(self) -> None:
-        for state in list(self._waiting):
-            if state.adapter is not None and not state.adapter.done():
-                continue  # still loading: later requests whose adapters are ready may pass it
-            if self.kv.free_rows == 0:
-                break
-            if state.adapter is not None:
-                adapter = state.adapter.result()
-                slot = self.adapters.activate(adapter)
-                if slot is None:
-                    break  # FIFO: wait for a slot rather than let later requests starve this one
-                self.adapters.acquire(adapter.digest)
-                state.slot, state.digest = slot, adapter.digest
+        """One admission round: admit the waiting requests the admission policy picks, in the slots it
+        picks, then copy the adapters it prefetches into free slots."""
+        hosts: dict[str, HostAdapter] = {}
+        waiting = []
+        for state in self._waiting:
+            future = state.adapter
+            if future is None:
+                waiting.append(Waiter(state, None))
+            elif future.done() and future.exception() is None:  # a failed load is dropped next round
+                hosts[future.result().digest] = future.result()
+                waiting.append(Waiter(state, future.result().digest))
+            else:  # still loading: later requests whose adapters are ready may pass it
+                waiting.append(Waiter(state, None, ready=False))
+        table, free_slots = self.adapters.slot_snapshot()
+        residents = [Resident(digest, users, pinned) for digest, users, pinned in table]
+        decision = self.admission.decide(waiting, residents, free_slots, self.kv.free_rows)
+        for admission in decision.admit:
+            state = admission.key
+            if admission.adapter is not None:
+                slot = self.adapters.activate(hosts[admission.adapter], admission.victim)
+                if slot is None:  # the policy plans on a copy of the slot table made under the step lock
+                    raise RuntimeError(f"admission planned a slot for {admission.adapter} that is not free")
+                self.adapters.acquire(admission.adapter)
+                state.slot, state.digest = slot, admission.adapter
             state.row = self.kv.allocate()
             state.admitted = now()
             self._waiting.remove(state)
             self._running.append(state)
+        for digest in decision.prefetch:
+            self.adapters.activate(hosts[digest])
 
     def _advance(self, plan: Plan, logits: torch.Tensor) -> None:
         """Account for the tokens ``plan`` ran and sample the next token of every chunk that asked for
@@ -419,6 +445,18 @@ class Engine:
 
     def list_adapters(self) -> list[AdapterStatus]:
         return self.adapters.statuses()
+
+    def lora_activity(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Adapter references (as requested, sorted, each once) with running sequences, and with requests
+        waiting for admission (adapter loading, or no slot or KV row yet); base-model requests are not
+        listed. Any thread: a snapshot of the request lists, each copied in one step."""
+        with self._cv:
+            incoming = list(self._incoming)
+        running, waiting = list(self._running), [*self._waiting, *incoming]
+        return (
+            tuple(sorted({s.request.adapter for s in running if s.request.adapter})),
+            tuple(sorted({s.request.adapter for s in waiting if s.request.adapter})),
+        )
 
     def info(self) -> EngineInfo:
         from loraswap import __version__
