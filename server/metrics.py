@@ -8,12 +8,17 @@ server did not register (:meth:`Metrics.track_methods`), count as ``other``. HTT
 OpenAI-compatible API are counted in the same ``loraswap_requests`` / ``loraswap_rpc_duration_seconds``
 families: ``method`` is the path (``/v1/chat/completions``; unknown paths are ``other``) and ``code`` the
 HTTP status (``200``, ``404``, ...); their tokens and time to first token go to the per-adapter families.
+
+For Kubernetes inference gateways (the Gateway API Inference Extension, llm-d), the scrape also carries
+vLLM's ``vllm:lora_requests_info`` gauge under the same name and labels (:func:`lora_requests_info`), so
+their LoRA-affinity scorer reads loraswap pods as it reads vLLM's.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +36,8 @@ log = logging.getLogger(__name__)
 
 TIERS: tuple[Tier, ...] = ("device", "host", "disk")
 BASE_LABEL, OTHER_LABEL = "base", "other"
+LORA_INFO_METRIC = "vllm:lora_requests_info"
+"""vLLM's name for the gauge that gateways' LoRA-affinity scorers read (colons are legal in metric names)."""
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -115,6 +122,9 @@ class Metrics:
         )
         self.load_failures = Counter(
             "loraswap_adapter_load_failures", "Adapter loads that failed, by reason", ["reason"], registry=r
+        )
+        self.promotions = Counter(
+            "loraswap_route_promotions", "Adapter promotions to a route, by outcome", ["outcome"], registry=r
         )
         self._http: WSGIServer | None = None
 
@@ -206,6 +216,13 @@ class Metrics:
     def on_eviction(self, tier: Tier, reason: str) -> None:
         self.evictions.labels(tier, reason).inc()
 
+    def on_promotion(self, outcome: str) -> None:
+        self.promotions.labels(outcome).inc()
+
+    def attach_router(self, router: Any) -> None:
+        """Register the scrape-time route gauges over ``router`` (:class:`RouteCollector`)."""
+        self.registry.register(RouteCollector(router))
+
     def on_load_failure(self, reason: str) -> None:
         self.load_failures.labels(reason).inc()
 
@@ -215,7 +232,8 @@ class Metrics:
 
 
 class EngineCollector(Collector):
-    """Gauges computed at scrape time: cache residency per tier, queue depth, memory."""
+    """Gauges computed at scrape time: cache residency per tier, queue depth, memory, and the gateways'
+    LoRA gauge (:func:`lora_requests_info`)."""
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
@@ -238,6 +256,49 @@ class EngineCollector(Collector):
         queue = GaugeMetricFamily("loraswap_queue_depth", "Requests waiting for admission")
         queue.add_metric([], self.engine.queue_depth())
         yield from (adapters, size, pinned, queue, *memory_metrics(self.engine.info().device, self.nvml))
+        yield lora_requests_info(self.engine)
+
+
+class RouteCollector(Collector):
+    """Routes to merged models, by state (``serving``, ``stale``), and the memory they hold, by kind
+    (``weights``, ``kv_cache``), at scrape time; no label per route, so the series stay bounded."""
+
+    def __init__(self, router: Any) -> None:
+        self.router = router
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        statuses = self.router.route_statuses()
+        routes = GaugeMetricFamily("loraswap_routes", "Routes to merged models, by state", labels=["state"])
+        for state in ("serving", "stale"):
+            routes.add_metric([state], sum(s.state == state for s in statuses))
+        memory = GaugeMetricFamily(
+            "loraswap_route_memory_bytes", "Memory held by routes, by kind", labels=["kind"]
+        )
+        memory.add_metric(["weights"], sum(s.weights_bytes for s in statuses))
+        memory.add_metric(["kv_cache"], sum(s.kv_cache_bytes for s in statuses))
+        yield from (routes, memory)
+
+
+def lora_requests_info(engine: Any, now: float | None = None) -> GaugeMetricFamily:
+    """vLLM's ``vllm:lora_requests_info``, as the engine stands at this scrape: one sample whose labels are
+    ``running_lora_adapters`` (comma-separated adapter references, as requested, with sequences in the
+    running batch: resident in a device slot and decoding or prefilling), ``waiting_lora_adapters``
+    (references of requests not yet admitted: the adapter loading, or no free slot or KV row) and
+    ``max_lora`` (the engine's adapter slots). Its value is the scrape's Unix time (``now``), as vLLM sets
+    it with ``set_to_current_time()``: a gateway that sees several label sets takes the newest one.
+
+    vLLM keeps a series per label set it has ever seen; this one is computed at scrape time, so it has
+    only the current one. Base-model requests are not listed (vLLM lists LoRA requests only).
+    """
+    running, waiting = engine.lora_activity()
+    gauge = GaugeMetricFamily(
+        LORA_INFO_METRIC,
+        "Running stats on lora requests.",
+        labels=["running_lora_adapters", "max_lora", "waiting_lora_adapters"],
+    )
+    slots = str(engine.info().adapter_slots)
+    gauge.add_metric([",".join(running), slots, ",".join(waiting)], time.time() if now is None else now)
+    return gauge
 
 
 def memory_metrics(device: str, nvml: NvmlUtilization) -> list[GaugeMetricFamily]:

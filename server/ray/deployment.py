@@ -1,0 +1,208 @@
+"""The engine replica: one loraswap engine per Ray Serve replica, its adapters Ray multiplexed models.
+
+Requests come from the ingress with the adapter already resolved to ``name@sha256:…`` and sent with
+``multiplexed_model_id`` = that digest, so Ray Serve's router prefers replicas where the digest is loaded.
+:meth:`EngineReplica.load_adapter` is the multiplexed loader (wrapped by ``serve.multiplexed`` in
+:func:`replica_deployment`): it loads the adapter into the engine (host tier, then a device slot when one
+is free; otherwise the engine places it when the request is admitted) and returns a
+:class:`ResidentAdapter`, whose release, called by Ray when its LRU drops the model, unloads the engine's
+copy. Each replica serves its own ``/metrics`` (``metrics_port``; 0 = a free one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from loraswap.errors import InvalidArgumentError, OverloadedError
+from loraswap.server.engine.api import EngineInfo, GenerationRequest, GenerationResult, TokenEvent
+from loraswap.server.metrics import Metrics
+from loraswap.server.ray.config import RayAppConfig
+from loraswap.server.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+REPLICA_DEPLOYMENT = "LoraswapReplica"
+
+
+@dataclass(frozen=True)
+class ReplicaReport:
+    """What one replica says about itself (:meth:`EngineReplica.describe`).
+
+    Attributes:
+        replica_id: Ray Serve's id of the replica (unique within the deployment).
+        actor_name: Name of the replica's Ray actor (in namespace ``serve``), for ``ray.get_actor``.
+        pid: The replica process.
+        metrics_url: Its ``/metrics`` URL, or None when ``metrics_port`` is -1.
+        loads: Multiplexed loads so far per adapter digest (each one an engine load).
+        resident: Digests Ray holds as loaded models on this replica now.
+    """
+
+    replica_id: str
+    actor_name: str
+    pid: int
+    metrics_url: str | None
+    loads: dict[str, int]
+    resident: tuple[str, ...]
+
+
+class ResidentAdapter:
+    """An adapter loaded in a replica's engine, as Ray's multiplexer holds it. Ray calls ``__del__`` when
+    its LRU drops the model (and the interpreter may call it again when the object is collected), so the
+    release runs once: it unloads the engine's copy unless a newer load of the same digest holds it."""
+
+    def __init__(self, replica: EngineReplica, name: str, digest: str) -> None:
+        self.replica, self.name, self.digest = replica, name, digest
+        self._released = threading.Event()
+
+    def release(self) -> None:
+        """Unload the engine's copy (once; a slot in use stays until its requests end, then ages out)."""
+        if self._released.is_set():
+            return
+        self._released.set()
+        self.replica.unload(self)
+
+    def __del__(self) -> None:
+        self.release()
+
+
+class EngineReplica:
+    """One engine; the body of the Ray Serve replica deployment (see :func:`replica_deployment`)."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        from loraswap.server.engine import Engine
+
+        self.settings = settings
+        self.metrics = Metrics(settings.metrics_adapters)
+        self.engine = Engine(settings.engine, observer=self.metrics)
+        self.engine.start()
+        self.metrics.attach_engine(self.engine)
+        self.metrics_url: str | None = None
+        if settings.metrics_port >= 0:
+            port = self.metrics.serve_http(settings.metrics_host, settings.metrics_port)
+            self.metrics_url = f"http://{settings.metrics_host}:{port}/metrics"
+        self.loads: Counter[str] = Counter()
+        self._held: dict[str, ResidentAdapter] = {}  # digest -> the newest load Ray holds
+        self._names: dict[str, str] = {}  # digest -> adapter name, from the requests that asked for it
+        self._lock = threading.Lock()
+
+    # -- the multiplexed loader ---------------------------------------------------------------------
+
+    async def load_adapter(self, digest: str) -> ResidentAdapter:
+        """Ray Serve's multiplexed loader for ``digest`` (``serve.multiplexed`` wraps it)."""
+        name = self._names[digest]
+        ref = f"{name}@{digest}"
+        try:
+            await asyncio.to_thread(self.engine.load_adapter, ref, "device")
+        except OverloadedError:  # every slot in use by running requests: admission places it later
+            await asyncio.to_thread(self.engine.load_adapter, ref, "host")
+        resident = ResidentAdapter(self, name, digest)
+        with self._lock:
+            self.loads[digest] += 1
+            self._held[digest] = resident
+        return resident
+
+    def unload(self, resident: ResidentAdapter) -> None:
+        """Ray dropped ``resident``: unload the engine's copy unless a newer load holds the digest."""
+        with self._lock:
+            if self._held.get(resident.digest) is not resident:
+                return
+            del self._held[resident.digest]
+        try:
+            self.engine.unload_adapter(f"{resident.name}@{resident.digest}")
+        except Exception:  # an unload never fails a request; the engine's own LRU ages the copy out
+            log.exception("unloading %s@%s failed", resident.name, resident.digest)
+
+    async def _warm(self, request: GenerationRequest) -> None:
+        """Hold the request's adapter as a multiplexed model (loading it on a miss)."""
+        if not request.adapter:
+            return
+        from ray import serve
+
+        name, _, digest = request.adapter.partition("@")
+        model_id = serve.get_multiplexed_model_id()
+        if not digest.startswith("sha256:") or model_id != digest:
+            raise InvalidArgumentError(
+                f"replica requests carry name@digest and that digest as multiplexed_model_id, got "
+                f"{request.adapter!r} with {model_id!r}"
+            )
+        self._names[digest] = name
+        await self.load_adapter(digest)
+
+    # -- requests -------------------------------------------------------------------------------------
+
+    async def _events(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        await self._warm(request)
+        handle = self.engine.submit(request)
+        try:
+            async for event in handle.aevents():
+                if event.result is not None:
+                    self.metrics.on_result(request.adapter, event.result)
+                yield event
+        finally:
+            handle.cancel()  # a no-op once finished; frees the row when the caller went away
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Run ``request`` to the end."""
+        result = None
+        async for event in self._events(request):
+            result = event.result
+        assert result is not None
+        return result
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Stream ``request``'s events (the last carries the result)."""
+        async for event in self._events(request):
+            yield event
+
+    # -- observability ------------------------------------------------------------------------------
+
+    def info(self) -> EngineInfo:
+        return self.engine.info()
+
+    def describe(self) -> ReplicaReport:
+        """This replica's identity, metrics URL and multiplexed loads."""
+        import ray
+        from ray import serve
+
+        context = serve.get_replica_context()
+        with self._lock:
+            loads, resident = dict(self.loads), tuple(sorted(self._held))
+        return ReplicaReport(
+            replica_id=context.replica_id.unique_id,
+            actor_name=ray.get_runtime_context().get_actor_name() or "",
+            pid=os.getpid(),
+            metrics_url=self.metrics_url,
+            loads=loads,
+            resident=resident,
+        )
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.stop(drain_timeout=self.settings.grace_seconds)
+            self.metrics.stop_http()
+
+
+def replica_deployment(config: RayAppConfig, settings: ServeSettings) -> Any:
+    """The Ray Serve deployment of :class:`EngineReplica` (imports ``ray``)."""
+    from ray import serve
+
+    cap = config.max_adapters_per_replica or settings.engine.adapter_slots
+
+    class LoraswapReplica(EngineReplica):
+        load_adapter = serve.multiplexed(max_num_models_per_replica=cap)(EngineReplica.load_adapter)
+
+    return serve.deployment(
+        LoraswapReplica,
+        name=REPLICA_DEPLOYMENT,
+        autoscaling_config=config.autoscaling(),
+        max_ongoing_requests=config.max_ongoing_requests,
+        graceful_shutdown_timeout_s=settings.grace_seconds,
+        ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
+    )

@@ -1,0 +1,289 @@
+"""The ingress: ``loraswap.v1.Inference`` behind Ray Serve's gRPC proxy, the OpenAI API behind its HTTP proxy.
+
+Every request's adapter reference is resolved here against the shared registry (:class:`TagResolver`: a
+tag is trusted for ``tag_ttl_s``, a digest forever), rewritten to ``name@sha256:…`` and sent to the engine
+replicas with ``multiplexed_model_id`` = the digest: all traffic for one version goes where that version
+is warm, and a moved tag moves it at once for every replica. A request whose replica dies before it
+answers is sent again (:attr:`RayAppConfig.replica_retries` times; a stream only before its first event),
+then fails UNAVAILABLE. Deadlines are not forwarded: Ray Serve's ``request_timeout_s`` bounds a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from typing import Any
+
+from loraswap.errors import DrainingError
+from loraswap.server.adapters.lru import LRU
+from loraswap.server.engine.api import (
+    AdapterStatus,
+    EngineInfo,
+    GenerationRequest,
+    GenerationResult,
+    TokenEvent,
+)
+from loraswap.server.grpc import convert
+from loraswap.server.grpc.pb import inference_pb2
+from loraswap.server.grpc.status import INTERNAL_MESSAGE, status_for
+from loraswap.server.ray import grpc_proxy  # noqa: F401 - the proto module alias, for unpickling requests
+from loraswap.server.ray.config import RayAppConfig
+from loraswap.server.ray.deployment import REPLICA_DEPLOYMENT
+from loraswap.server.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+INGRESS_DEPLOYMENT = "LoraswapIngress"
+MAX_RESOLVED = 10_000  # reference strings whose resolution the ingress remembers
+
+
+class TagResolver:
+    """Adapter reference → (name, digest) against the registry; tags re-resolved after ``ttl_s``."""
+
+    def __init__(self, registry_url: str | None, ttl_s: float) -> None:
+        self.registry_url, self.ttl_s = registry_url, ttl_s
+        self._registry: Any = None
+        self._lock = threading.Lock()
+        self._resolved: LRU[str, tuple[float, str, str]] = LRU(MAX_RESOLVED)
+
+    def resolve(self, ref: str) -> tuple[str, str]:
+        """The name and digest ``ref`` names now (blocking: registry I/O on a miss).
+
+        Raises:
+            NotFoundError: unknown adapter, tag or version.
+        """
+        with self._lock:
+            cached = self._resolved.get(ref)
+        if cached is not None and ("@" in ref or time.monotonic() - cached[0] < self.ttl_s):
+            return cached[1], cached[2]
+        if self._registry is None:
+            from loraswap.registry import open_registry
+
+            self._registry = open_registry(self.registry_url)
+        manifest = self._registry.resolve(ref)
+        with self._lock:
+            self._resolved.put(ref, (time.monotonic(), manifest.name, manifest.digest))
+        return manifest.name, manifest.digest
+
+
+def domain_error(exc: BaseException) -> BaseException:
+    """The error a caller should see for ``exc``: a replica's own error (Ray wraps it in RayTaskError) as
+    it was raised; a replica that died as :class:`DrainingError` (UNAVAILABLE: retry); others as they are."""
+    from ray import exceptions
+
+    if isinstance(exc, exceptions.RayTaskError) and isinstance(exc.cause, BaseException):
+        return exc.cause
+    if _replica_died(exc):
+        return DrainingError("the replica serving the request stopped; retry")
+    return exc
+
+
+def _replica_died(exc: BaseException) -> bool:
+    from ray import exceptions
+
+    return isinstance(exc, exceptions.RayActorError | exceptions.ActorUnavailableError)
+
+
+class Dispatcher:
+    """Sends generation requests to the engine replicas: resolution, multiplexing, retries."""
+
+    def __init__(self, replicas: Any, settings: ServeSettings, config: RayAppConfig) -> None:
+        self.replicas, self.settings, self.config = replicas, settings, config
+        self.resolver = TagResolver(settings.engine.registry, settings.engine.tag_ttl_s)
+
+    async def pinned(self, request: GenerationRequest) -> tuple[GenerationRequest, str | None]:
+        """``request`` with its adapter pinned to ``name@digest``, and that digest (None: base model)."""
+        if not request.adapter:
+            return request, None
+        name, digest = await asyncio.to_thread(self.resolver.resolve, request.adapter)
+        return replace(request, adapter=f"{name}@{digest}"), digest
+
+    def _handle(self, digest: str | None, stream: bool = False) -> Any:
+        options: dict[str, Any] = {"stream": stream}
+        if digest:
+            options["multiplexed_model_id"] = digest
+        return self.replicas.options(**options)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Run ``request`` on a replica (domain errors raised as they are)."""
+        request, digest = await self.pinned(request)
+        for attempt in range(self.config.replica_retries + 1):
+            try:
+                return await self._handle(digest).generate.remote(request)
+            except Exception as exc:
+                if not _replica_died(exc) or attempt == self.config.replica_retries:
+                    raise domain_error(exc) from exc
+                log.warning("a replica died under a request; sending it again (%s)", type(exc).__name__)
+        raise AssertionError("unreachable")
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Stream ``request``'s events from a replica; sent again if its replica dies before the first."""
+        request, digest = await self.pinned(request)
+        for attempt in range(self.config.replica_retries + 1):
+            started = False
+            try:
+                async for event in self._handle(digest, stream=True).generate_stream.remote(request):
+                    started = True
+                    yield event
+                return
+            except Exception as exc:
+                if started or not _replica_died(exc) or attempt == self.config.replica_retries:
+                    raise domain_error(exc) from exc
+                log.warning("a replica died before streaming; sending the request again")
+
+    async def info(self) -> EngineInfo:
+        return await self.replicas.options(stream=False).info.remote()
+
+
+def _fail(grpc_context: Any, exc: BaseException) -> BaseException:
+    """Set the call's status for ``exc`` (the domain table of :mod:`loraswap.server.grpc.status`)."""
+    code, details = status_for(exc)
+    if details == INTERNAL_MESSAGE:
+        log.error("request failed", exc_info=exc)
+    if grpc_context is not None:
+        grpc_context.set_code(code)
+        grpc_context.set_details(details)
+    return exc
+
+
+class InferenceIngress:
+    """The gRPC methods of ``loraswap.v1.Inference``, called by Ray Serve's gRPC proxy by name."""
+
+    def __init__(self, replicas: Any, settings: ServeSettings, config: RayAppConfig) -> None:
+        self.settings = settings
+        self.dispatcher = Dispatcher(replicas, settings, config)
+
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, grpc_context: Any = None
+    ) -> inference_pb2.GenerateResponse:
+        try:
+            result = await self.dispatcher.generate(convert.request_from_pb(request, self.settings))
+        except Exception as exc:
+            raise _fail(grpc_context, exc) from None
+        return convert.result_to_pb(result)
+
+    async def GenerateStream(
+        self, request: inference_pb2.GenerateRequest, grpc_context: Any = None
+    ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
+        try:
+            async for event in self.dispatcher.stream(convert.request_from_pb(request, self.settings)):
+                yield convert.event_to_pb(event)
+        except Exception as exc:
+            raise _fail(grpc_context, exc) from None
+
+
+class RemoteHandle:
+    """A request running on a replica, with the interface the HTTP app uses of an engine's
+    :class:`~loraswap.server.engine.request.RequestHandle` (``aevents``, ``events(timeout=0)``, ``cancel``).
+
+    Created inside the event loop; a task moves the replica's events into a queue.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, request: GenerationRequest) -> None:
+        self._queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
+        self._done = False
+        self._task = asyncio.get_running_loop().create_task(self._pump(dispatcher, request))
+
+    async def _pump(self, dispatcher: Dispatcher, request: GenerationRequest) -> None:
+        try:
+            async for event in dispatcher.stream(request):
+                self._queue.put_nowait(event)
+        except Exception as exc:
+            self._queue.put_nowait(exc)
+
+    def _take(self, item: TokenEvent | BaseException) -> TokenEvent:
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        self._done = item.result is not None
+        return item
+
+    async def aevents(self) -> AsyncIterator[TokenEvent]:
+        while not self._done:
+            yield self._take(await self._queue.get())
+
+    def events(self, timeout: float | None = None) -> Iterator[TokenEvent]:
+        """The events already here; raises ``queue.Empty`` once there are none (only ``timeout=0``)."""
+        if timeout != 0:
+            raise ValueError("a remote request's events are read with aevents(); events() takes timeout=0")
+        while not self._done:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                raise queue.Empty from None
+            yield self._take(item)
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+
+class RemoteEngine:
+    """What the HTTP app (:func:`loraswap.server.http.app.create_app`) calls an engine, over the replicas.
+
+    ``info()`` is the replicas' (read once, by :class:`InfoFirst`); ``list_adapters()`` is empty: residency
+    is per replica, in each one's ``/metrics``, so ``/v1/models`` lists the base model only.
+    """
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+        self.engine_info: EngineInfo | None = None
+
+    def submit(self, request: GenerationRequest) -> RemoteHandle:
+        return RemoteHandle(self.dispatcher, request)
+
+    def info(self) -> EngineInfo:
+        if self.engine_info is None:
+            raise DrainingError("the engine replicas are not ready yet")
+        return self.engine_info
+
+    def list_adapters(self) -> list[AdapterStatus]:
+        return []
+
+
+class InfoFirst:
+    """ASGI middleware: fetch the replicas' engine info once, before the first request reaches the app."""
+
+    def __init__(self, app: Any, engine: RemoteEngine) -> None:
+        self.app, self.engine = app, engine
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self.engine.engine_info is None:
+            try:
+                self.engine.engine_info = await self.engine.dispatcher.info()
+            except Exception as exc:
+                log.warning("the engine info is not available yet: %s", exc)
+        await self.app(scope, receive, send)
+
+
+def http_app(settings: ServeSettings, config: RayAppConfig) -> Any:
+    """The OpenAI-compatible app over the replicas (built inside the ingress replica by Ray Serve)."""
+    from ray import serve
+
+    from loraswap.server.grpc.servicers import EngineSlot
+    from loraswap.server.http.app import create_app
+    from loraswap.server.metrics import Metrics
+
+    app_name = serve.get_replica_context().app_name
+    replicas = serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=app_name)
+    engine = RemoteEngine(Dispatcher(replicas, settings, config))
+    slot = EngineSlot()
+    slot.engine = engine
+    return InfoFirst(create_app(slot, settings, Metrics(settings.metrics_adapters)), engine)
+
+
+def ingress_deployment(config: RayAppConfig, settings: ServeSettings) -> Any:
+    """The Ray Serve deployment of :class:`InferenceIngress`, with the HTTP app as its ASGI ingress."""
+    from ray import serve
+
+    def build_http_app() -> Any:
+        return http_app(settings, config)
+
+    return serve.deployment(
+        serve.ingress(build_http_app)(InferenceIngress),
+        name=INGRESS_DEPLOYMENT,
+        ray_actor_options={"num_cpus": 0},
+    )
