@@ -485,9 +485,11 @@ def test_default_metrics_port_is_not_prometheus_own_and_deploy_files_agree() -> 
     assert port == 9400
     deploy = Path(__file__).resolve().parents[3] / "deploy"
     assert yaml.safe_load((deploy / "serve.example.yaml").read_text())["metrics_port"] == port
-    [scrape] = yaml.safe_load((deploy / "prometheus.yml").read_text())["scrape_configs"]
+    [scrape] = yaml.safe_load((deploy / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
     assert [t.rsplit(":", 1)[1] for c in scrape["static_configs"] for t in c["targets"]] == [str(port)]
-    deployment, service = yaml.safe_load_all((deploy / "kubernetes.yaml").read_text())
+    base = deploy / "kubernetes" / "base"
+    deployment = yaml.safe_load((base / "deployment.yaml").read_text())
+    service = yaml.safe_load((base / "service.yaml").read_text())
     pod = deployment["spec"]["template"]
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(port)
     [container] = pod["spec"]["containers"]
