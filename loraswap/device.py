@@ -57,3 +57,24 @@ def host_rss_bytes() -> int:
         return pages * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory that new allocations can take: free bytes of a CUDA device, or the host's available RAM
+    (``MemAvailable`` of /proc/meminfo, else free physical pages) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def empty_device_cache(device: torch.device) -> None:
+    """Give the CUDA caching allocator's unused blocks back to the device (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

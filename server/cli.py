@@ -67,6 +67,19 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("ref")
         p.set_defaults(func=_adapters_action, action=action)
 
+    for action, text in (
+        ("promote", "merge into a route of its own (no LoRA work per token) and switch its requests there"),
+        ("demote", "send its requests back to the shared base and free its route"),
+    ):
+        p = sub.add_parser(action, help=text)
+        _client_args(p, admin=True)
+        p.add_argument("ref")
+        p.set_defaults(func=_route_action, action=action)
+
+    routes = subparsers.add_parser("routes", help="the routes of a running server to merged models")
+    _client_args(routes, admin=True)
+    routes.set_defaults(func=_routes)
+
     info = subparsers.add_parser("info", help="base model, device, capacities and limits of a running server")
     _client_args(info, admin=True)
     info.set_defaults(func=_info)
@@ -183,4 +196,25 @@ def _adapters_action(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     with _client(args) as client:
         print(json.dumps(asdict(client.info()), indent=2))
+    return 0
+
+
+def _route_action(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.action == "promote":
+            print(json.dumps(asdict(client.promote(args.ref)), indent=2))
+        else:
+            print(f"demoted {args.ref}: {client.demote(args.ref)} bytes freed")
+    return 0
+
+
+def _routes(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        routes = client.routes()
+    print(f"{'ADAPTER':24} {'STATE':8} {'VERSION':14} {'METHOD':8} {'BYTES':>12} {'PROMOTED':8} MODEL")
+    for r in routes:
+        version = r.adapter_digest.removeprefix("sha256:")[:12] or "(by name)"
+        held = r.weights_bytes + r.kv_cache_bytes
+        promoted = "yes" if r.promoted else ""
+        print(f"{r.adapter:24} {r.state:8} {version:14} {r.method:8} {held:>12} {promoted:8} {r.model}")
     return 0

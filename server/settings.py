@@ -16,13 +16,18 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loraswap.docfields import field_docs, help_text
 from loraswap.errors import InvalidArgumentError
 from loraswap.server.engine import EngineConfig
 
+if TYPE_CHECKING:
+    from loraswap.server.routes.route import RouteSpec
+
 ENV_PREFIX = "LORASWAP_"
+REPEATED_FLAGS = {"routes": "--route"}
+"""Fields given by a repeatable flag of their own name (one value each) instead of a comma list."""
 
 
 @dataclass
@@ -53,6 +58,16 @@ class ServeSettings:
             When neither token list is set, calls are not authenticated.
         admin_tokens: Bearer tokens accepted by ``Admin`` (and by ``Inference``); an inference token
             is refused on ``Admin`` with PERMISSION_DENIED.
+        routes: ``REF=MODEL`` pairs (flag ``--route``, repeatable; YAML ``routes:`` a list or a mapping):
+            requests naming adapter reference REF are answered by the merged model MODEL (a folder or a
+            registry model reference, made by ``loraswap merge``) in an engine of its own, with no LoRA
+            work per token. A model merged from one registry adapter answers for that version only: when
+            REF's tag moves to another version, its requests go to the shared base again.
+        route_max_batch_size: Sequences each route's engine decodes together (its KV-cache rows); None
+            is the shared engine's ``max_batch_size``.
+        route_memory_bytes: Memory all routes may hold together (weights + KV caches); a route past it
+            is refused with the numbers. None: what the device (the host, on CPU) has available when
+            the route is added.
     """
 
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -73,6 +88,9 @@ class ServeSettings:
     tls_client_ca: str | None = None
     inference_tokens: tuple[str, ...] = ()
     admin_tokens: tuple[str, ...] = ()
+    routes: tuple[str, ...] = ()
+    route_max_batch_size: int | None = None
+    route_memory_bytes: int | None = None
 
     def problems(self) -> list[str]:
         """Every invalid field (engine fields included), as readable messages."""
@@ -95,7 +113,29 @@ class ServeSettings:
         if self.tls_client_ca and not self.tls_cert:
             out.append("tls_client_ca needs tls_cert and tls_key")
         out += [f"{n}: file {p} not found" for n, p in self._tls_files() if not Path(p).is_file()]
+        for name in ("route_max_batch_size", "route_memory_bytes"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                out.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        refs: list[str] = []
+        for text in self.routes:
+            try:
+                refs.append(self.route_specs_of([text])[0].ref)
+            except InvalidArgumentError as exc:
+                out.append(f"routes: {exc}")
+        out += [
+            f"routes: {ref} has more than one route" for ref in sorted({r for r in refs if refs.count(r) > 1})
+        ]
         return out
+
+    def route_specs(self) -> list[RouteSpec]:
+        """The routes as :class:`RouteSpec` (checked by :meth:`problems`)."""
+        return self.route_specs_of(self.routes)
+
+    @staticmethod
+    def route_specs_of(texts: typing.Iterable[str]) -> list[RouteSpec]:
+        from loraswap.server.routes.route import RouteSpec
+
+        return [RouteSpec.parse(text) for text in texts]
 
     def _tls_files(self) -> list[tuple[str, str]]:
         return [(n, getattr(self, n)) for n in ("tls_cert", "tls_key", "tls_client_ca") if getattr(self, n)]
@@ -122,6 +162,8 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
         hint = args[0]
     try:
         if typing.get_origin(hint) is tuple:
+            if isinstance(value, Mapping):  # YAML ``routes: {REF: MODEL}``
+                value = [f"{k}={v}" for k, v in value.items()]
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(i).strip() for i in items if str(i).strip())
         if hint is bool:
@@ -210,6 +252,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         defaults = {f.name: _default(f) for f in dataclasses.fields(cls)}
         for name in fields:
             text = help_text(f"{docs.get(name, '')} [default: {defaults[name]!r}]")
+            if name in REPEATED_FLAGS:
+                flag = REPEATED_FLAGS[name]
+                group.add_argument(
+                    flag, dest=name, default=None, action="append", metavar="REF=MODEL", help=text
+                )
+                continue
             group.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=text)
 
 

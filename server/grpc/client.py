@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -33,6 +33,9 @@ from loraswap.server.engine.api import (
 )
 from loraswap.server.grpc import convert, status
 from loraswap.server.grpc.pb import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
+
+if TYPE_CHECKING:
+    from loraswap.server.routes.route import RouteStatus
 
 
 class ServerError(errors.LoraswapError):
@@ -198,6 +201,26 @@ class Client(_Base):
 
     def info(self) -> EngineInfo:
         return convert.info_from_pb(self._call(self.admin.ServerInfo, admin_pb2.ServerInfoRequest()))
+
+    def routes(self) -> list[RouteStatus]:
+        """The server's routes to merged models (from ``ServerInfo``)."""
+        response = self._call(self.admin.ServerInfo, admin_pb2.ServerInfoRequest())
+        return [convert.route_from_pb(r) for r in response.routes]
+
+    def routed_to(self) -> dict[str, str]:
+        """Adapter digest → the merged model answering for it (from ``ListAdapters``)."""
+        response = self._call(self.admin.ListAdapters, admin_pb2.ListAdaptersRequest())
+        return {a.digest: a.routed_to for a in response.adapters if a.routed_to}
+
+    def promote(self, ref: str, timeout: float | None = None) -> RouteStatus:
+        """Merge ``ref`` into a route and switch its requests there (returns once it serves)."""
+        request = admin_pb2.PromoteAdapterRequest(adapter=ref)
+        return convert.route_from_pb(self._call(self.admin.PromoteAdapter, request, timeout))
+
+    def demote(self, ref: str) -> int:
+        """Send ``ref`` back to the shared base; returns the bytes its route freed."""
+        request = admin_pb2.DemoteAdapterRequest(adapter=ref)
+        return self._call(self.admin.DemoteAdapter, request).freed_bytes
 
 
 class AsyncClient(_Base):

@@ -6,7 +6,9 @@ responses. Client side: ``request_to_pb`` and ``*_from_pb`` do the reverse.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from loraswap.errors import InvalidArgumentError
 from loraswap.server.engine.api import (
@@ -23,6 +25,9 @@ from loraswap.server.engine.api import (
 from loraswap.server.grpc.pb import admin_pb2, inference_pb2
 from loraswap.server.limits import generation_problems
 from loraswap.server.settings import ServeSettings
+
+if TYPE_CHECKING:
+    from loraswap.server.routes.route import RouteStatus
 
 FINISH_TO_PB = {
     "stop": inference_pb2.FINISH_REASON_STOP,
@@ -128,8 +133,9 @@ def adapter_ref_from_pb(ref: str) -> str:
     return ref.strip()
 
 
-def status_to_pb(s: AdapterStatus) -> admin_pb2.Adapter:
+def status_to_pb(s: AdapterStatus, routed_to: str = "") -> admin_pb2.Adapter:
     out = admin_pb2.Adapter(
+        routed_to=routed_to,
         name=s.name,
         digest=s.digest,
         tiers=[TIER_TO_PB[t] for t in s.tiers if t in TIER_TO_PB],
@@ -143,7 +149,23 @@ def status_to_pb(s: AdapterStatus) -> admin_pb2.Adapter:
     return out
 
 
-def info_to_pb(info: EngineInfo, settings: ServeSettings) -> admin_pb2.ServerInfoResponse:
+def route_to_pb(r: RouteStatus) -> admin_pb2.Route:
+    return admin_pb2.Route(
+        adapter=r.adapter,
+        model=r.model,
+        adapter_digest=r.adapter_digest,
+        model_digest=r.model_digest,
+        method=r.method,
+        state=r.state,
+        weights_bytes=r.weights_bytes,
+        kv_cache_bytes=r.kv_cache_bytes,
+        promoted=r.promoted,
+    )
+
+
+def info_to_pb(
+    info: EngineInfo, settings: ServeSettings, routes: Sequence[RouteStatus] = ()
+) -> admin_pb2.ServerInfoResponse:
     limits = admin_pb2.Limits(
         max_prompt_chars=settings.max_prompt_chars,
         max_new_tokens=settings.max_new_tokens,
@@ -164,6 +186,7 @@ def info_to_pb(info: EngineInfo, settings: ServeSettings) -> admin_pb2.ServerInf
         kv_cache_bytes=info.kv_cache_bytes,
         limits=limits,
         versions=info.versions,
+        routes=[route_to_pb(r) for r in routes],
     )
 
 
@@ -241,6 +264,22 @@ def status_from_pb(pb: admin_pb2.Adapter) -> AdapterStatus:
         rank=pb.rank,
         hits=pb.hits,
         last_used=last_used,
+    )
+
+
+def route_from_pb(pb: admin_pb2.Route) -> RouteStatus:
+    from loraswap.server.routes.route import RouteStatus
+
+    return RouteStatus(
+        adapter=pb.adapter,
+        model=pb.model,
+        adapter_digest=pb.adapter_digest,
+        model_digest=pb.model_digest,
+        method=pb.method,
+        state=pb.state,
+        weights_bytes=pb.weights_bytes,
+        kv_cache_bytes=pb.kv_cache_bytes,
+        promoted=pb.promoted,
     )
 
 

@@ -93,7 +93,7 @@ class GrpcServer:
     def attach(self, engine: Any) -> None:
         """Serve ``engine`` from now on; health turns SERVING."""
         self.slot.engine = engine
-        self.metrics.attach_engine(engine)
+        self.metrics.attach_engine(getattr(engine, "base", engine))  # a route table: its shared engine
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     def shutdown(self, grace: float) -> None:
@@ -109,6 +109,7 @@ class GrpcServer:
 def serve(settings: ServeSettings, stop: threading.Event) -> int:
     """Run a server until ``stop`` is set, then drain. Returns the process exit status."""
     from loraswap.server.engine import Engine
+    from loraswap.server.routes.router import Router
 
     metrics = Metrics(settings.metrics_adapters)
     server = GrpcServer(settings, metrics)
@@ -127,7 +128,20 @@ def serve(settings: ServeSettings, stop: threading.Event) -> int:
     try:
         engine = Engine(settings.engine, observer=metrics)
         engine.start()
-        server.attach(engine)
+        router = Router(
+            engine,
+            route_max_batch_size=settings.route_max_batch_size,
+            route_memory_bytes=settings.route_memory_bytes,
+            drain_seconds=settings.grace_seconds,
+            observer=metrics,
+        )
+        server.slot.engine = router  # shut down with the rest if a route cannot be served
+        router.add_configured(settings.route_specs())
+        for status in router.route_statuses():
+            held = status.weights_bytes + status.kv_cache_bytes
+            _say(f"route {status.adapter} -> {status.model} ({held} bytes)")
+        metrics.attach_router(router)
+        server.attach(router)
         _say(f"serving on {settings.host}:{port} (http: {http_port})")
         # Wake up often: a signal delivered to another thread (gRPC, engine) only runs its Python handler
         # once the main thread executes bytecode again, which a plain stop.wait() would never do.

@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from loraswap.errors import DrainingError
+from loraswap.errors import DrainingError, InvalidArgumentError
 from loraswap.server.grpc import convert
 from loraswap.server.grpc.pb import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from loraswap.server.metrics import Metrics
@@ -84,8 +84,37 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return convert.status_to_pb(self.slot.get().unpin(convert.adapter_ref_from_pb(request.adapter)))
 
     def ListAdapters(self, request: admin_pb2.ListAdaptersRequest, context: grpc.ServicerContext) -> Any:
-        adapters = [convert.status_to_pb(s) for s in self.slot.get().list_adapters()]
+        engine = self.slot.get()
+        routed = {d: r.spec.model for d, r in routed_to(engine).items()}
+        adapters = [convert.status_to_pb(s, routed.get(s.digest, "")) for s in engine.list_adapters()]
         return admin_pb2.ListAdaptersResponse(adapters=adapters)
 
     def ServerInfo(self, request: admin_pb2.ServerInfoRequest, context: grpc.ServicerContext) -> Any:
-        return convert.info_to_pb(self.slot.get().info(), self.settings)
+        engine = self.slot.get()
+        return convert.info_to_pb(engine.info(), self.settings, route_statuses(engine))
+
+    def PromoteAdapter(self, request: admin_pb2.PromoteAdapterRequest, context: grpc.ServicerContext) -> Any:
+        router = self._router()
+        remaining = context.time_remaining()
+        timeout = None if remaining is None or remaining > NO_DEADLINE_S else remaining
+        route = router.promote(convert.adapter_ref_from_pb(request.adapter), timeout=timeout)
+        return convert.route_to_pb(route.status(router.route_state(route)))
+
+    def DemoteAdapter(self, request: admin_pb2.DemoteAdapterRequest, context: grpc.ServicerContext) -> Any:
+        freed = self._router().demote(convert.adapter_ref_from_pb(request.adapter))
+        return admin_pb2.DemoteAdapterResponse(freed_bytes=freed.total)
+
+    def _router(self) -> Any:
+        engine = self.slot.get()
+        if not hasattr(engine, "promote"):
+            raise InvalidArgumentError("this server has no route table")
+        return engine
+
+
+def routed_to(engine: Any) -> dict[str, Any]:
+    """Adapter digest → route, for an engine behind a route table (empty for a bare engine)."""
+    return engine.routed_to() if hasattr(engine, "routed_to") else {}
+
+
+def route_statuses(engine: Any) -> list[Any]:
+    return engine.route_statuses() if hasattr(engine, "route_statuses") else []

@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from loraswap import errors
 from loraswap.server.engine.api import GenerationResult, TokenEvent
 from loraswap.server.grpc.auth import PermissionDeniedError, TokenAuth, UnauthenticatedError
-from loraswap.server.grpc.servicers import EngineSlot
+from loraswap.server.grpc.servicers import EngineSlot, routed_to
 from loraswap.server.http import convert, models
 from loraswap.server.metrics import Metrics
 from loraswap.server.settings import ServeSettings
@@ -141,9 +141,11 @@ def create_app(slot: EngineSlot, settings: ServeSettings, metrics: Metrics) -> A
         info = engine.info()
         base = {"kind": "base", "fingerprint": info.base_fingerprint, "quantization": info.quantization}
         cards = [models.ModelCard(id=info.base_model, loraswap=base)]
+        routed = {digest: route.spec.model for digest, route in routed_to(engine).items()}
         for s in engine.list_adapters():
             extra = {"kind": "adapter", "digest": s.digest, "tiers": list(s.tiers), "pinned": s.pinned,
-                     "rank": s.rank, "size_bytes": s.size_bytes, "base": info.base_model}  # fmt: skip
+                     "rank": s.rank, "size_bytes": s.size_bytes, "base": info.base_model,
+                     "routed_to": routed.get(s.digest)}  # fmt: skip
             cards.append(models.ModelCard(id=s.name, loraswap=extra))
         return models.ModelList(data=cards)
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17loraswap/v1/admin.proto\x12\x0bloraswap.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb8\x01\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12 \n\x05tiers\x18\x03 \x03(\x0e\x32\x11.loraswap.v1.Tier\x12\x0e\n\x06pinned\x18\x04 \x01(\x08\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12\x0c\n\x04rank\x18\x06 \x01(\r\x12\x0c\n\x04hits\x18\x07 \x01(\x04\x12-\n\tlast_used\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"F\n\x12LoadAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x1f\n\x04tier\x18\x02 \x01(\x0e\x32\x11.loraswap.v1.Tier\"\'\n\x14UnloadAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"$\n\x11PinAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"&\n\x13UnpinAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"\x15\n\x13ListAdaptersRequest\">\n\x14ListAdaptersResponse\x12&\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x14.loraswap.v1.Adapter\"\x13\n\x11ServerInfoRequest\"\x9a\x01\n\x06Limits\x12\x18\n\x10max_prompt_chars\x18\x01 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x03 \x01(\r\x12\x1b\n\x13max_concurrent_rpcs\x18\x04 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\r\x12\x11\n\tmax_queue\x18\x06 \x01(\r\"\xe7\x02\n\x12ServerInfoResponse\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x02 \x01(\t\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x15\n\radapter_slots\x18\x06 \x01(\r\x12\x10\n\x08max_rank\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x16\n\x0ekv_cache_bytes\x18\t \x01(\x04\x12#\n\x06limits\x18\n \x01(\x0b\x32\x13.loraswap.v1.Limits\x12?\n\x08versions\x18\x0b \x03(\x0b\x32-.loraswap.v1.ServerInfoResponse.VersionsEntry\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*K\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_DEVICE\x10\x01\x12\r\n\tTIER_HOST\x10\x02\x12\r\n\tTIER_DISK\x10\x03\x32\xd5\x03\n\x05\x41\x64min\x12\x44\n\x0bLoadAdapter\x12\x1f.loraswap.v1.LoadAdapterRequest\x1a\x14.loraswap.v1.Adapter\x12V\n\rUnloadAdapter\x12!.loraswap.v1.UnloadAdapterRequest\x1a\".loraswap.v1.UnloadAdapterResponse\x12\x42\n\nPinAdapter\x12\x1e.loraswap.v1.PinAdapterRequest\x1a\x14.loraswap.v1.Adapter\x12\x46\n\x0cUnpinAdapter\x12 .loraswap.v1.UnpinAdapterRequest\x1a\x14.loraswap.v1.Adapter\x12S\n\x0cListAdapters\x12 .loraswap.v1.ListAdaptersRequest\x1a!.loraswap.v1.ListAdaptersResponse\x12M\n\nServerInfo\x12\x1e.loraswap.v1.ServerInfoRequest\x1a\x1f.loraswap.v1.ServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17loraswap/v1/admin.proto\x12\x0bloraswap.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcb\x01\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12 \n\x05tiers\x18\x03 \x03(\x0e\x32\x11.loraswap.v1.Tier\x12\x0e\n\x06pinned\x18\x04 \x01(\x08\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12\x0c\n\x04rank\x18\x06 \x01(\r\x12\x0c\n\x04hits\x18\x07 \x01(\x04\x12-\n\tlast_used\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\trouted_to\x18\t \x01(\t\"\xb5\x01\n\x05Route\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x64\x61pter_digest\x18\x03 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x04 \x01(\t\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\x15\n\rweights_bytes\x18\x07 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x08 \x01(\x04\x12\x10\n\x08promoted\x18\t \x01(\x08\"(\n\x15PromoteAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"\'\n\x14\x44\x65moteAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\",\n\x15\x44\x65moteAdapterResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x04\"F\n\x12LoadAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x1f\n\x04tier\x18\x02 \x01(\x0e\x32\x11.loraswap.v1.Tier\"\'\n\x14UnloadAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"$\n\x11PinAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"&\n\x13UnpinAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"\x15\n\x13ListAdaptersRequest\">\n\x14ListAdaptersResponse\x12&\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x14.loraswap.v1.Adapter\"\x13\n\x11ServerInfoRequest\"\x9a\x01\n\x06Limits\x12\x18\n\x10max_prompt_chars\x18\x01 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x03 \x01(\r\x12\x1b\n\x13max_concurrent_rpcs\x18\x04 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\r\x12\x11\n\tmax_queue\x18\x06 \x01(\r\"\x8b\x03\n\x12ServerInfoResponse\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x02 \x01(\t\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x15\n\radapter_slots\x18\x06 \x01(\r\x12\x10\n\x08max_rank\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x16\n\x0ekv_cache_bytes\x18\t \x01(\x04\x12#\n\x06limits\x18\n \x01(\x0b\x32\x13.loraswap.v1.Limits\x12?\n\x08versions\x18\x0b \x03(\x0b\x32-.loraswap.v1.ServerInfoResponse.VersionsEntry\x12\"\n\x06routes\x18\x0c \x03(\x0b\x32\x12.loraswap.v1.Route\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*K\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_DEVICE\x10\x01\x12\r\n\tTIER_HOST\x10\x02\x12\r\n\tTIER_DISK\x10\x03\x32\xf7\x04\n\x05\x41\x64min\x12\x44\n\x0bLoadAdapter\x12\x1f.loraswap.v1.LoadAdapterRequest\x1a\x14.loraswap.v1.Adapter\x12V\n\rUnloadAdapter\x12!.loraswap.v1.UnloadAdapterRequest\x1a\".loraswap.v1.UnloadAdapterResponse\x12\x42\n\nPinAdapter\x12\x1e.loraswap.v1.PinAdapterRequest\x1a\x14.loraswap.v1.Adapter\x12\x46\n\x0cUnpinAdapter\x12 .loraswap.v1.UnpinAdapterRequest\x1a\x14.loraswap.v1.Adapter\x12S\n\x0cListAdapters\x12 .loraswap.v1.ListAdaptersRequest\x1a!.loraswap.v1.ListAdaptersResponse\x12M\n\nServerInfo\x12\x1e.loraswap.v1.ServerInfoRequest\x1a\x1f.loraswap.v1.ServerInfoResponse\x12H\n\x0ePromoteAdapter\x12\".loraswap.v1.PromoteAdapterRequest\x1a\x12.loraswap.v1.Route\x12V\n\rDemoteAdapter\x12!.loraswap.v1.DemoteAdapterRequest\x1a\".loraswap.v1.DemoteAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,32 +34,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SERVERINFORESPONSE_VERSIONSENTRY']._loaded_options = None
   _globals['_SERVERINFORESPONSE_VERSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_TIER']._serialized_start=1103
-  _globals['_TIER']._serialized_end=1178
+  _globals['_TIER']._serialized_start=1471
+  _globals['_TIER']._serialized_end=1546
   _globals['_ADAPTER']._serialized_start=74
-  _globals['_ADAPTER']._serialized_end=258
-  _globals['_LOADADAPTERREQUEST']._serialized_start=260
-  _globals['_LOADADAPTERREQUEST']._serialized_end=330
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=332
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=371
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=373
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=396
-  _globals['_PINADAPTERREQUEST']._serialized_start=398
-  _globals['_PINADAPTERREQUEST']._serialized_end=434
-  _globals['_UNPINADAPTERREQUEST']._serialized_start=436
-  _globals['_UNPINADAPTERREQUEST']._serialized_end=474
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=476
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=497
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=499
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=561
-  _globals['_SERVERINFOREQUEST']._serialized_start=563
-  _globals['_SERVERINFOREQUEST']._serialized_end=582
-  _globals['_LIMITS']._serialized_start=585
-  _globals['_LIMITS']._serialized_end=739
-  _globals['_SERVERINFORESPONSE']._serialized_start=742
-  _globals['_SERVERINFORESPONSE']._serialized_end=1101
-  _globals['_SERVERINFORESPONSE_VERSIONSENTRY']._serialized_start=1054
-  _globals['_SERVERINFORESPONSE_VERSIONSENTRY']._serialized_end=1101
-  _globals['_ADMIN']._serialized_start=1181
-  _globals['_ADMIN']._serialized_end=1650
+  _globals['_ADAPTER']._serialized_end=277
+  _globals['_ROUTE']._serialized_start=280
+  _globals['_ROUTE']._serialized_end=461
+  _globals['_PROMOTEADAPTERREQUEST']._serialized_start=463
+  _globals['_PROMOTEADAPTERREQUEST']._serialized_end=503
+  _globals['_DEMOTEADAPTERREQUEST']._serialized_start=505
+  _globals['_DEMOTEADAPTERREQUEST']._serialized_end=544
+  _globals['_DEMOTEADAPTERRESPONSE']._serialized_start=546
+  _globals['_DEMOTEADAPTERRESPONSE']._serialized_end=590
+  _globals['_LOADADAPTERREQUEST']._serialized_start=592
+  _globals['_LOADADAPTERREQUEST']._serialized_end=662
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=664
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=703
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=705
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=728
+  _globals['_PINADAPTERREQUEST']._serialized_start=730
+  _globals['_PINADAPTERREQUEST']._serialized_end=766
+  _globals['_UNPINADAPTERREQUEST']._serialized_start=768
+  _globals['_UNPINADAPTERREQUEST']._serialized_end=806
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=808
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=829
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=831
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=893
+  _globals['_SERVERINFOREQUEST']._serialized_start=895
+  _globals['_SERVERINFOREQUEST']._serialized_end=914
+  _globals['_LIMITS']._serialized_start=917
+  _globals['_LIMITS']._serialized_end=1071
+  _globals['_SERVERINFORESPONSE']._serialized_start=1074
+  _globals['_SERVERINFORESPONSE']._serialized_end=1469
+  _globals['_SERVERINFORESPONSE_VERSIONSENTRY']._serialized_start=1422
+  _globals['_SERVERINFORESPONSE_VERSIONSENTRY']._serialized_end=1469
+  _globals['_ADMIN']._serialized_start=1549
+  _globals['_ADMIN']._serialized_end=2180
 # @@protoc_insertion_point(module_scope)

@@ -22,7 +22,7 @@ TIER_HOST: Tier
 TIER_DISK: Tier
 
 class Adapter(_message.Message):
-    __slots__ = ("name", "digest", "tiers", "pinned", "size_bytes", "rank", "hits", "last_used")
+    __slots__ = ("name", "digest", "tiers", "pinned", "size_bytes", "rank", "hits", "last_used", "routed_to")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class Adapter(_message.Message):
     RANK_FIELD_NUMBER: _ClassVar[int]
     HITS_FIELD_NUMBER: _ClassVar[int]
     LAST_USED_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_TO_FIELD_NUMBER: _ClassVar[int]
     name: str
     digest: str
     tiers: _containers.RepeatedScalarFieldContainer[Tier]
@@ -39,7 +40,48 @@ class Adapter(_message.Message):
     rank: int
     hits: int
     last_used: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., digest: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., pinned: _Optional[bool] = ..., size_bytes: _Optional[int] = ..., rank: _Optional[int] = ..., hits: _Optional[int] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    routed_to: str
+    def __init__(self, name: _Optional[str] = ..., digest: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., pinned: _Optional[bool] = ..., size_bytes: _Optional[int] = ..., rank: _Optional[int] = ..., hits: _Optional[int] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., routed_to: _Optional[str] = ...) -> None: ...
+
+class Route(_message.Message):
+    __slots__ = ("adapter", "model", "adapter_digest", "model_digest", "method", "state", "weights_bytes", "kv_cache_bytes", "promoted")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROMOTED_FIELD_NUMBER: _ClassVar[int]
+    adapter: str
+    model: str
+    adapter_digest: str
+    model_digest: str
+    method: str
+    state: str
+    weights_bytes: int
+    kv_cache_bytes: int
+    promoted: bool
+    def __init__(self, adapter: _Optional[str] = ..., model: _Optional[str] = ..., adapter_digest: _Optional[str] = ..., model_digest: _Optional[str] = ..., method: _Optional[str] = ..., state: _Optional[str] = ..., weights_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., promoted: _Optional[bool] = ...) -> None: ...
+
+class PromoteAdapterRequest(_message.Message):
+    __slots__ = ("adapter",)
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    adapter: str
+    def __init__(self, adapter: _Optional[str] = ...) -> None: ...
+
+class DemoteAdapterRequest(_message.Message):
+    __slots__ = ("adapter",)
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    adapter: str
+    def __init__(self, adapter: _Optional[str] = ...) -> None: ...
+
+class DemoteAdapterResponse(_message.Message):
+    __slots__ = ("freed_bytes",)
+    FREED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    freed_bytes: int
+    def __init__(self, freed_bytes: _Optional[int] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("adapter", "tier")
@@ -102,7 +144,7 @@ class Limits(_message.Message):
     def __init__(self, max_prompt_chars: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_queue: _Optional[int] = ...) -> None: ...
 
 class ServerInfoResponse(_message.Message):
-    __slots__ = ("base_model", "base_fingerprint", "quantization", "dtype", "device", "adapter_slots", "max_rank", "max_batch_size", "kv_cache_bytes", "limits", "versions")
+    __slots__ = ("base_model", "base_fingerprint", "quantization", "dtype", "device", "adapter_slots", "max_rank", "max_batch_size", "kv_cache_bytes", "limits", "versions", "routes")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +163,7 @@ class ServerInfoResponse(_message.Message):
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     base_fingerprint: str
     quantization: str
@@ -132,4 +175,5 @@ class ServerInfoResponse(_message.Message):
     kv_cache_bytes: int
     limits: Limits
     versions: _containers.ScalarMap[str, str]
-    def __init__(self, base_model: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., adapter_slots: _Optional[int] = ..., max_rank: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., versions: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    def __init__(self, base_model: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., adapter_slots: _Optional[int] = ..., max_rank: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., versions: _Optional[_Mapping[str, str]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...

@@ -64,6 +64,16 @@ class AdminStub:
                 request_serializer=loraswap_dot_v1_dot_admin__pb2.ServerInfoRequest.SerializeToString,
                 response_deserializer=loraswap_dot_v1_dot_admin__pb2.ServerInfoResponse.FromString,
                 _registered_method=True)
+        self.PromoteAdapter = channel.unary_unary(
+                '/loraswap.v1.Admin/PromoteAdapter',
+                request_serializer=loraswap_dot_v1_dot_admin__pb2.PromoteAdapterRequest.SerializeToString,
+                response_deserializer=loraswap_dot_v1_dot_admin__pb2.Route.FromString,
+                _registered_method=True)
+        self.DemoteAdapter = channel.unary_unary(
+                '/loraswap.v1.Admin/DemoteAdapter',
+                request_serializer=loraswap_dot_v1_dot_admin__pb2.DemoteAdapterRequest.SerializeToString,
+                response_deserializer=loraswap_dot_v1_dot_admin__pb2.DemoteAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -104,7 +114,24 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ServerInfo(self, request, context):
-        """Base model, precision, device, capacities, limits and versions.
+        """Base model, precision, device, capacities, limits, routes and versions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteAdapter(self, request, context):
+        """Merges the adapter's current version into the base in a background worker, serves the merged model
+        in an engine of its own and switches new requests for that version to it at once; requests already
+        running finish where they are. Returns once the route serves (or with the reason it cannot).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DemoteAdapter(self, request, context):
+        """Sends the adapter's requests back to the shared base, lets the route's running requests finish and
+        frees its memory (and a promoted route's merged files).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -142,6 +169,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ServerInfo,
                     request_deserializer=loraswap_dot_v1_dot_admin__pb2.ServerInfoRequest.FromString,
                     response_serializer=loraswap_dot_v1_dot_admin__pb2.ServerInfoResponse.SerializeToString,
+            ),
+            'PromoteAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteAdapter,
+                    request_deserializer=loraswap_dot_v1_dot_admin__pb2.PromoteAdapterRequest.FromString,
+                    response_serializer=loraswap_dot_v1_dot_admin__pb2.Route.SerializeToString,
+            ),
+            'DemoteAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.DemoteAdapter,
+                    request_deserializer=loraswap_dot_v1_dot_admin__pb2.DemoteAdapterRequest.FromString,
+                    response_serializer=loraswap_dot_v1_dot_admin__pb2.DemoteAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -306,6 +343,60 @@ class Admin:
             '/loraswap.v1.Admin/ServerInfo',
             loraswap_dot_v1_dot_admin__pb2.ServerInfoRequest.SerializeToString,
             loraswap_dot_v1_dot_admin__pb2.ServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraswap.v1.Admin/PromoteAdapter',
+            loraswap_dot_v1_dot_admin__pb2.PromoteAdapterRequest.SerializeToString,
+            loraswap_dot_v1_dot_admin__pb2.Route.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DemoteAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraswap.v1.Admin/DemoteAdapter',
+            loraswap_dot_v1_dot_admin__pb2.DemoteAdapterRequest.SerializeToString,
+            loraswap_dot_v1_dot_admin__pb2.DemoteAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

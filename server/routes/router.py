@@ -1,0 +1,310 @@
+"""The route table: every request goes to a route's merged model or to the shared base engine.
+
+:class:`Router` stands where the edges (gRPC, HTTP) expect an engine: ``submit``, ``info``, the adapter
+admin calls and ``stop`` act on the shared base engine, except that a request whose adapter has a route
+is answered by the route's engine. Routes come from ``serve --route REF=MODEL`` at start, or from
+:meth:`Router.promote`, which merges an adapter in a background worker, starts its engine and switches
+new requests to it in one assignment; :meth:`Router.demote` switches back, lets what runs on the route
+finish and frees its memory.
+
+The table is replaced, never changed in place, so a request reads one consistent table without a lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import shutil
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+
+from loraswap import paths
+from loraswap.device import available_bytes
+from loraswap.errors import InvalidArgumentError, LoraswapError, NotFoundError
+from loraswap.merge.builder import merge_adapters
+from loraswap.merge.record import RECORD_FILE
+from loraswap.merge.sources import AdapterSource
+from loraswap.server.engine import Engine
+from loraswap.server.engine.api import AdapterStatus, EngineInfo, GenerationRequest, Tier
+from loraswap.server.routes.route import (
+    Route,
+    RouteMemory,
+    RouteSpec,
+    RouteStatus,
+    check_budget,
+    estimate_memory,
+    model_folder,
+    read_record,
+    route_engine_config,
+)
+
+log = logging.getLogger(__name__)
+MERGE_DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+"""A promotion merges into the dtype its route will run in (quantized routes: the checkpoint's)."""
+
+
+class RouteObserver(Protocol):
+    def on_promotion(self, outcome: str) -> None: ...
+
+
+class _NoObserver:
+    def on_promotion(self, outcome: str) -> None:
+        pass
+
+
+def adapter_name(ref: str) -> str:
+    return re.split(r"[:@]", ref, maxsplit=1)[0]
+
+
+class Router:
+    """The shared base engine plus the routes to merged models.
+
+    Args:
+        base: The started shared engine.
+        route_max_batch_size: Sequences a route's engine decodes together (None: the base's).
+        route_memory_bytes: Budget of all routes together (weights + KV caches); None: what the device
+            (or the host, on CPU) has available when a route is added.
+        drain_seconds: How long a demoted route's running requests may take to finish.
+        observer: Told of every promotion's outcome (``ok``, ``failed``).
+    """
+
+    def __init__(
+        self,
+        base: Engine,
+        route_max_batch_size: int | None = None,
+        route_memory_bytes: int | None = None,
+        drain_seconds: float = 30.0,
+        observer: RouteObserver | None = None,
+    ) -> None:
+        self.base = base
+        self.route_max_batch_size, self.route_memory_bytes = route_max_batch_size, route_memory_bytes
+        self.drain_seconds = drain_seconds
+        self.observer = observer or _NoObserver()
+        self._routes: tuple[Route, ...] = ()
+        self._lock = threading.Lock()  # one change of the table (and one budget check) at a time
+        self._builder = ThreadPoolExecutor(1, thread_name_prefix="route-builder")
+        self._promoting: dict[str, Future[Route]] = {}
+
+    # -- the engine surface the edges use ---------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        return self.base.draining
+
+    def submit(self, request: GenerationRequest) -> Any:
+        route = self.route_for(request.adapter)
+        return route.submit(request) if route is not None else self.base.submit(request)
+
+    def generate(self, request: GenerationRequest) -> Any:
+        return self.submit(request).result()
+
+    def info(self) -> EngineInfo:
+        return self.base.info()
+
+    def list_adapters(self) -> list[AdapterStatus]:
+        return self.base.list_adapters()
+
+    def load_adapter(self, ref: str, tier: Tier = "device", timeout: float = 120.0) -> AdapterStatus:
+        return self.base.load_adapter(ref, tier, timeout)
+
+    def unload_adapter(self, ref: str) -> None:
+        self.base.unload_adapter(ref)
+
+    def pin(self, ref: str) -> AdapterStatus:
+        return self.base.pin(ref)
+
+    def unpin(self, ref: str) -> AdapterStatus:
+        return self.base.unpin(ref)
+
+    def queue_depth(self) -> int:
+        return self.base.queue_depth() + sum(r.engine.queue_depth() for r in self._routes)
+
+    def stop(self, drain_timeout: float = 30.0) -> None:
+        """Drain the base and every route at once (each within ``drain_timeout``), then stop them."""
+        routes = self._routes
+        stoppers = [threading.Thread(target=r.stop, args=(drain_timeout,)) for r in routes]
+        for thread in stoppers:
+            thread.start()
+        self.base.stop(drain_timeout=drain_timeout)
+        for thread in stoppers:
+            thread.join()
+        self._builder.shutdown(wait=False, cancel_futures=True)
+
+    # -- routing ----------------------------------------------------------------------------
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        return self._routes
+
+    def route_for(self, ref: str) -> Route | None:
+        """The route answering ``ref``, or None (the shared base answers, and reports its errors)."""
+        routes = self._routes  # one read: the table a request sees is consistent
+        if not ref or not routes:
+            return None
+        for route in routes:
+            if route.adapter_digest is None and route.spec.ref == ref:
+                return route
+        name = adapter_name(ref)
+        bound = [r for r in routes if r.adapter_digest is not None and adapter_name(r.spec.ref) == name]
+        if not bound:
+            return None
+        try:
+            _, digest, _ = self.base.adapters.resolve(ref)  # tags re-resolved after the tag TTL
+        except LoraswapError:
+            return None
+        return next((r for r in bound if r.adapter_digest == digest), None)
+
+    def routed_to(self) -> dict[str, Route]:
+        """Adapter digest → the route that answers for it (digest-bound routes only)."""
+        return {r.adapter_digest: r for r in self._routes if r.adapter_digest is not None}
+
+    def route_state(self, route: Route) -> str:
+        """``serving``, or ``stale`` when the route's reference now resolves to another version (its
+        requests go to the shared base until the reference points back or the route is demoted)."""
+        if route.adapter_digest is None:
+            return "serving"
+        try:
+            _, digest, _ = self.base.adapters.resolve(route.spec.ref)
+        except LoraswapError:
+            return "stale"
+        return "serving" if digest == route.adapter_digest else "stale"
+
+    def route_statuses(self) -> list[RouteStatus]:
+        return [route.status(self.route_state(route)) for route in self._routes]
+
+    # -- building routes --------------------------------------------------------------------
+
+    def add_configured(self, specs: list[RouteSpec]) -> None:
+        """Bring up the routes of ``serve --route`` (at start); the first that cannot be served raises,
+        with its reason, and the ones already up are stopped."""
+        try:
+            for spec in specs:
+                self._add(self._build(spec, promoted=False))
+        except BaseException:
+            for route in self._routes:
+                route.stop(0)
+            self._routes = ()
+            raise
+
+    def _build(self, spec: RouteSpec, promoted: bool, folder: Path | None = None) -> Route:
+        model_digest = None
+        if folder is None:
+            folder, model_digest = model_folder(spec.model, self.base.adapters.registry)
+        record = read_record(folder)
+        problems = []
+        if record is not None and record.base_fingerprint != self.base.fingerprint:
+            problems.append(
+                f"{spec.model} was merged on base {record.base_model_id} ({record.base_fingerprint}), "
+                f"not this server's {self.base.info().base_model} ({self.base.fingerprint})"
+            )
+        if record is not None and len(record.adapters) == 1 and record.adapters[0].source == "registry":
+            merged = record.adapters[0]
+            if adapter_name(spec.ref) != merged.name:
+                problems.append(f"{spec.model} was merged from adapter {merged.name!r}, not {spec.ref!r}")
+            else:
+                try:
+                    _, digest, _ = self.base.adapters.resolve(spec.ref)
+                except NotFoundError as exc:
+                    problems.append(str(exc))
+                else:
+                    if digest != merged.digest:
+                        problems.append(
+                            f"{spec.ref} resolves to {digest}, but {spec.model} was merged from "
+                            f"{merged.digest} (merge it again, or name that version)"
+                        )
+        if problems:
+            raise InvalidArgumentError(f"route {spec} cannot be served", problems)
+        quantization = self.base.loaded.quantization
+        config = route_engine_config(self.base.config, folder, self.route_max_batch_size)
+        config = dataclasses.replace(config, quantization=quantization, device=str(self.base.device))
+        with self._lock:
+            self._check_budget(spec, estimate_memory(folder, config, quantization))
+        engine = Engine(config, registry=self.base.adapters.registry)
+        engine.start()
+        return Route(spec, folder, record, engine, model_digest, promoted)
+
+    def _check_budget(self, spec: RouteSpec, need: RouteMemory) -> None:
+        if self.route_memory_bytes is None:
+            check_budget(spec, need, 0, available_bytes(self.base.device))
+        else:
+            used = sum(r.memory.total for r in self._routes)
+            check_budget(spec, need, used, self.route_memory_bytes)
+
+    def _add(self, route: Route) -> None:
+        with self._lock:
+            clash = [r for r in self._routes if r.spec.ref == route.spec.ref]
+            if clash or (route.adapter_digest and route.adapter_digest in self.routed_to()):
+                route.stop(0)
+                raise InvalidArgumentError(f"{route.spec.ref} already has a route")
+            self._routes = (*self._routes, route)
+        log.info("route up: %s (%s)", route.spec, route.status("serving"))
+
+    # -- promotion and demotion -------------------------------------------------------------
+
+    def promote(self, ref: str, timeout: float | None = None) -> Route:
+        """Merge ``ref``'s current version into the base in a background worker, start its route and
+        switch new requests for it there. Requests already running stay where they are. Promoting a
+        version that is already routed returns its route."""
+        name, digest, _ = self.base.adapters.resolve(ref)
+        with self._lock:
+            existing = self.routed_to().get(digest)
+            future = None if existing else self._promoting.get(digest)
+            if existing is None and future is None:
+                future = self._builder.submit(self._promote, ref, name, digest)
+                self._promoting[digest] = future
+        if existing is not None:
+            return existing
+        assert future is not None
+        try:
+            route = future.result(timeout=timeout)
+        except LoraswapError:
+            self.observer.on_promotion("failed")
+            raise
+        return route
+
+    def _promote(self, ref: str, name: str, digest: str) -> Route:
+        try:
+            registry = self.base.adapters.registry
+            source = AdapterSource.from_registry(registry, f"{name}@{digest}")
+            output = paths.home() / "routes" / digest.split(":", 1)[1][:32]
+            quantization = self.base.loaded.quantization
+            spec = RouteSpec(ref, str(output))
+            config = route_engine_config(self.base.config, self.base.base_ref.path, self.route_max_batch_size)
+            with self._lock:  # before the merge: a route that cannot fit is refused at once
+                self._check_budget(spec, estimate_memory(self.base.base_ref.path, config, quantization))
+            if not (output / RECORD_FILE).is_file():
+                output.parent.mkdir(parents=True, exist_ok=True)
+                merge_adapters(
+                    self.base.base_ref, [source], output, dtype=MERGE_DTYPES.get(quantization), force=True
+                )
+            route = self._build(spec, promoted=True, folder=output)
+            self._add(route)
+            self.observer.on_promotion("ok")
+            return route
+        finally:
+            with self._lock:
+                self._promoting.pop(digest, None)
+
+    def demote(self, ref: str) -> RouteMemory:
+        """Send ``ref``'s requests back to the shared base, let the route's running requests finish, then
+        free the route's memory (and a promoted route's merged folder). Returns what it held."""
+        with self._lock:
+            route = next((r for r in self._routes if r.spec.ref == ref), None)
+            if route is None:
+                try:
+                    _, digest, _ = self.base.adapters.resolve(ref)
+                except LoraswapError:
+                    digest = None
+                route = next((r for r in self._routes if digest and r.adapter_digest == digest), None)
+            if route is None:
+                raise NotFoundError(f"{ref} has no route")
+            self._routes = tuple(r for r in self._routes if r is not route)
+        memory = route.memory
+        route.stop(self.drain_seconds)
+        if route.promoted:
+            shutil.rmtree(route.folder, ignore_errors=True)
+        log.info("route down: %s", route.spec)
+        return memory

@@ -1,0 +1,185 @@
+"""Routes to merged models: the router in process over the tiny Llama (fp32), with PEFT-made adapters
+pushed to a local registry and merged by ``loraswap.merge``.
+
+Each test checks what a route must guarantee: the same greedy tokens as the adapter served through the
+shared base, requests switched only for the version the model was merged from, promotion while requests
+stream (none fails, later ones on the route), demotion that frees the route's model, and every bad route
+refused with its reason and nothing left behind.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from loraswap.errors import InvalidArgumentError, NotFoundError, OverloadedError
+from loraswap.merge.builder import merge_adapters
+from loraswap.merge.sources import AdapterSource
+from loraswap.models import resolve_base
+from loraswap.registry import open_registry
+from loraswap.server.engine import Engine, EngineConfig
+from loraswap.server.engine.api import GenerationRequest, SamplingParams
+from loraswap.server.routes.route import RouteSpec, estimate_memory
+from loraswap.server.routes.router import Router
+
+PROMPTS = ("The quick brown fox", "Once upon a time", "In the beginning")
+TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture
+def world(tiny_base: Path, make_adapter, tmp_path: Path) -> Iterator[dict]:
+    root = tmp_path / "registry"
+    registry, base = open_registry(root), resolve_base(tiny_base)
+    first = registry.push(make_adapter(r=4, target_modules=TARGETS, seed=61), "bot", tags=["prod"], base=base)
+    registry.push(make_adapter(r=8, target_modules=("q_proj", "v_proj"), seed=62), "other", base=base)
+    config = EngineConfig(
+        base=str(tiny_base), registry=str(root), quantization="fp32", adapter_slots=2, max_rank=8,
+        max_batch_size=4, max_seq_len=160, tag_ttl_s=0.0,
+    )  # fmt: skip
+    engine = Engine(config)
+    engine.start()
+    router = Router(engine, drain_seconds=30)
+    merged = tmp_path / "bot-merged"
+    merge_adapters(base, [AdapterSource.from_registry(registry, "bot:prod")], merged, dtype="fp32")
+    yield {"registry": registry, "engine": engine, "router": router, "merged": merged, "digest": first.digest}
+    router.stop(drain_timeout=0)
+
+
+def run(target, adapter: str, prompt: str, n: int = 24):
+    return target.submit(GenerationRequest(adapter=adapter, prompt=prompt, sampling=greedy(n))).result(
+        timeout=120
+    )
+
+
+def hits(engine: Engine, digest: str) -> int:
+    return next((s.hits for s in engine.list_adapters() if s.digest == digest), 0)
+
+
+def test_a_route_answers_with_the_adapters_greedy_tokens_and_no_adapter_work(world) -> None:
+    engine, router, digest = world["engine"], world["router"], world["digest"]
+    expected = [run(engine, "bot:prod", p).token_ids for p in PROMPTS]
+    before = hits(engine, digest)
+    router.add_configured([RouteSpec("bot:prod", str(world["merged"]))])
+    (route,) = router.routes
+    assert route.adapter_digest == digest and route.engine.config.adapter_slots == 0
+    for prompt, tokens in zip(PROMPTS, expected, strict=True):
+        result = run(router, "bot:prod", prompt)
+        assert result.token_ids == tokens
+        assert result.adapter_digest == digest  # the answer names the version, not the bare base
+    assert run(router, f"bot@{digest}", PROMPTS[0]).token_ids == expected[0]  # same version, any spelling
+    assert hits(engine, digest) == before, "a routed request went through the shared base"
+    other = run(router, "other", PROMPTS[0])  # every other adapter still goes through the shared base
+    assert other.adapter_digest != digest and other.token_ids == run(engine, "other", PROMPTS[0]).token_ids
+    (status,) = router.route_statuses()
+    assert status.state == "serving" and status.method == "linear"
+    assert status.weights_bytes > 0 and status.kv_cache_bytes == route.engine.kv.nbytes
+
+
+def test_a_route_from_a_registry_model_and_a_moved_tag(world, make_adapter, tiny_base: Path) -> None:
+    registry, router = world["registry"], world["router"]
+    model = registry.push_model(world["merged"], "bot-merged:v1")
+    router.add_configured([RouteSpec("bot:prod", "bot-merged:v1")])
+    (route,) = router.routes
+    assert route.model_digest == model.digest and router.route_for("bot:prod") is route
+    newer = registry.push(
+        make_adapter(r=4, target_modules=TARGETS, seed=63), "bot", tags=["prod"], base=resolve_base(tiny_base)
+    )
+    # The tag moved (TTL 0 here): the merged model is of the old version, so the shared base answers.
+    assert router.route_for("bot:prod") is None
+    assert run(router, "bot:prod", PROMPTS[0]).adapter_digest == newer.digest
+    assert router.route_statuses()[0].state == "stale"
+    assert router.route_for(f"bot@{world['digest']}") is route  # the old version is still routed
+
+
+def test_promotion_while_requests_stream_then_demotion_frees_the_route(world) -> None:
+    engine, router, digest = world["engine"], world["router"], world["digest"]
+    n = 40
+    expected = {p: run(engine, "bot:prod", p, n).token_ids for p in PROMPTS}
+    handles = [
+        router.submit(GenerationRequest(adapter="bot:prod", prompt=p, sampling=greedy(n))) for p in PROMPTS
+    ]
+    streams = [h.events(timeout=120) for h in handles]
+    firsts = [next(s) for s in streams]  # every one is running on the shared base
+    assert all(f.token_ids for f in firsts)
+    results: list = [None] * len(handles)
+
+    def finish(i: int) -> None:
+        for event in streams[i]:
+            results[i] = event.result
+
+    readers = [threading.Thread(target=finish, args=(i,)) for i in range(len(handles))]
+    for reader in readers:
+        reader.start()
+    route = router.promote("bot:prod", timeout=300)
+    assert router.route_for("bot:prod") is route and route.promoted
+    before = hits(engine, digest)
+    later = [run(router, "bot:prod", p, n) for p in PROMPTS]
+    assert hits(engine, digest) == before, "a request after the switch went through the shared base"
+    for reader in readers:
+        reader.join(timeout=120)
+    assert all(r is not None and r.finish_reason == "length" for r in results), "a running request failed"
+    for prompt, early, late in zip(PROMPTS, results, later, strict=True):
+        assert early.token_ids == expected[prompt] == late.token_ids
+    assert router.promote("bot", timeout=300) is route  # the same version again: the same route
+
+    model = weakref.ref(route.engine.forward.model)
+    folder = route.folder
+    freed = router.demote("bot:prod")
+    assert freed.weights > 0 and freed.kv_cache > 0
+    assert router.routes == () and router.route_for("bot:prod") is None and not folder.exists()
+    del route
+    gc.collect()
+    assert model() is None, "the demoted route's model is still referenced"
+    assert run(router, "bot:prod", PROMPTS[0], n).token_ids == expected[PROMPTS[0]]  # the shared base again
+    with pytest.raises(NotFoundError, match="has no route"):
+        router.demote("bot:prod")
+
+
+def test_bad_routes_are_refused_with_their_reason_and_leave_nothing(world, tmp_path: Path) -> None:
+    router, merged = world["router"], world["merged"]
+    with pytest.raises(NotFoundError, match="does not exist"):
+        router.add_configured([RouteSpec("bot:prod", str(tmp_path / "missing"))])
+    with pytest.raises(NotFoundError, match="neither a folder nor in the registry"):
+        router.add_configured([RouteSpec("bot:prod", "no-such-model:v1")])
+    with pytest.raises(InvalidArgumentError, match="is an adapter, not a merged model"):
+        router.add_configured([RouteSpec("bot:prod", "other")])
+    with pytest.raises(InvalidArgumentError) as wrong_adapter:
+        router.add_configured([RouteSpec("other", str(merged))])
+    assert "merged from adapter 'bot', not 'other'" in str(wrong_adapter.value.problems)
+    with pytest.raises(InvalidArgumentError, match="a route is REF=MODEL"):
+        RouteSpec.parse("bot:prod")
+    # The first route is up when the second fails: start-up refuses both, nothing stays running.
+    with pytest.raises(NotFoundError):
+        router.add_configured([RouteSpec("bot:prod", str(merged)), RouteSpec("x", str(tmp_path / "none"))])
+    assert router.routes == ()
+    with pytest.raises(NotFoundError):
+        router.promote("no-such-adapter")
+
+
+def test_a_route_over_the_memory_budget_is_refused_with_the_numbers(world) -> None:
+    engine, merged = world["engine"], world["merged"]
+    config = engine.config
+    need = estimate_memory(merged, config, "fp32")
+    tight = Router(engine, route_memory_bytes=need.total - 1)
+    with pytest.raises(OverloadedError) as refused:
+        tight.add_configured([RouteSpec("bot:prod", str(merged))])
+    message = str(refused.value)
+    assert "does not fit in memory" in message and "weights" in message and "KV cache" in message
+    assert tight.routes == ()
+    fits = Router(engine, route_memory_bytes=need.total)
+    fits.add_configured([RouteSpec("bot:prod", str(merged))])
+    (route,) = fits.routes
+    assert route.memory.total <= need.total, "the route holds more than its estimate"
+    with pytest.raises(OverloadedError):  # the budget is spent: a promotion is refused before merging
+        fits.promote("other", timeout=300)
+    for r in fits.routes:
+        r.stop(0)
