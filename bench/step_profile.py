@@ -1,0 +1,170 @@
+"""Where a decode step's time goes, against the machine's floor for the same work.
+
+The engine is stepped by hand on the embedded SmolLM2 (bf16, CPU): ``--batch`` sequences are prefilled,
+then ``--steps`` decode steps run under ``torch.profiler`` (base only, and with every sequence on one of
+``--adapters`` distinct adapters). The report groups the profiled operators (dense matmuls, attention,
+LoRA, norms and element-wise ops, sampling) and gives the rest of the wall time as host overhead
+(Python, dispatch, synchronisation). The floor is measured in the same run: the step's dense matmuls as
+plain ``torch`` bf16 ops in a loop over the real weights (the compute floor on this CPU), and the bytes
+of weights a step must read at least once divided by this machine's copy bandwidth (the memory floor).
+
+Run: ``python -m bench.step_profile [--batch 32] [--steps 8] [--adapters 8]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from bench.adapters import write_adapter
+from loraswap.models import resolve_base
+from loraswap.registry import open_registry
+from loraswap.server.engine import Engine, EngineConfig
+from loraswap.server.engine.api import GenerationRequest, SamplingParams
+
+ELEMENTWISE = "aten::softmax aten::_softmax aten::mul aten::add aten::pow aten::mean aten::rsqrt aten::silu"
+COPIES = "aten::copy_ aten::index aten::index_select aten::gather aten::index_copy_ aten::embedding aten::to"
+GROUPS = (
+    ("dense matmul", ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul")),
+    ("batched matmul (attention, LoRA)", ("aten::bmm", "aten::baddbmm")),
+    (
+        "softmax / norms / element-wise",
+        (*ELEMENTWISE.split(), "aten::neg", "aten::cat", "aten::div", "aten::exp"),
+    ),
+    ("copies / gathers / indexing", (*COPIES.split(), "aten::_to_copy", "aten::clone", "aten::index_put_")),
+    ("sampling", ("aten::argmax", "aten::topk", "aten::sort", "aten::multinomial", "aten::max")),
+)
+
+
+def group_of(name: str) -> str:
+    for group, names in GROUPS:
+        if name in names:
+            return group
+    return "other operators"
+
+
+def decoding_engine(base_dir: Path, registry: Path, batch: int, adapters: list[str]) -> Engine:
+    """An engine (not started) with ``batch`` sequences prefilled and decoding."""
+    engine = Engine(
+        EngineConfig(
+            base=str(base_dir), registry=str(registry), adapter_slots=max(len(adapters), 1), max_rank=16,
+            max_batch_size=batch, max_seq_len=512, prefill_between_layers=False,
+        )
+    )  # fmt: skip
+    sampling = SamplingParams(max_new_tokens=400, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        adapter = adapters[i % len(adapters)] if adapters else ""
+        engine.submit(
+            GenerationRequest(adapter=adapter, prompt=f"Story {i}: once upon a time", sampling=sampling)
+        )
+    while len(engine._running) < batch or any(not s.output_ids for s in engine._running):
+        with engine.step_lock:
+            engine.take_incoming()
+            engine.step()
+    return engine
+
+
+def profile_steps(engine: Engine, steps: int) -> tuple[float, dict[str, float], list[tuple[str, float]]]:
+    """Median wall ms of a decode step, ms per step by operator group (self CPU time), and the largest
+    operators outside the groups."""
+    for _ in range(2):
+        engine.step()
+    walls = []
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            start = time.perf_counter()
+            engine.step()
+            walls.append(time.perf_counter() - start)
+    groups: dict[str, float] = defaultdict(float)
+    others: dict[str, float] = {}
+    for event in prof.key_averages():
+        ms = event.self_cpu_time_total / 1e3 / steps
+        groups[group_of(event.key)] += ms
+        if group_of(event.key) == "other operators":
+            others[event.key] = ms
+    top = sorted(others.items(), key=lambda kv: -kv[1])[:4]
+    groups["other operators"] = groups.get("other operators", 0.0)
+    return statistics.median(walls) * 1e3, dict(groups), top
+
+
+def matmul_floor(engine: Engine, batch: int, repeats: int = 10) -> float:
+    """ms for one step's dense matmuls as plain bf16 ops over the real weights (batch x in @ in x out)."""
+    weights = [
+        m.weight
+        for m in engine.loaded.model.modules()
+        if isinstance(m, torch.nn.Linear) and m.weight.dim() == 2
+    ]
+    inputs = [torch.randn(batch, w.shape[1], dtype=w.dtype) for w in weights]
+    with torch.inference_mode():
+        for x, w in zip(inputs, weights, strict=True):
+            torch.nn.functional.linear(x, w)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for x, w in zip(inputs, weights, strict=True):
+                torch.nn.functional.linear(x, w)
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a large tensor copy on this machine."""
+    src = torch.empty(256 << 20, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src)
+    return 5 * src.numel() * 2 / (time.perf_counter() - start)  # read + write
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--adapters", type=int, default=8)
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="loraswap-step-profile-"))
+    base = resolve_base("default")
+    registry = open_registry(work / "registry")
+    names = []
+    for i in range(args.adapters):
+        folder = write_adapter(
+            work / f"a{i}", base.path, seed=i, rank=16, targets=("q_proj", "k_proj", "v_proj", "o_proj")
+        )
+        registry.push(folder, f"bot-{i}", base=base)
+        names.append(f"bot-{i}")
+    bandwidth = copy_bandwidth()
+    rows = {}
+    for label, adapters in (("base only", []), (f"{args.adapters} adapters (r16 q,k,v,o)", names)):
+        engine = decoding_engine(base.path, work / "registry", args.batch, adapters)
+        with engine.step_lock:
+            rows[label] = profile_steps(engine, args.steps)
+            floor_ms = matmul_floor(engine, args.batch)
+        weight_bytes = sum(p.numel() * p.element_size() for p in engine.loaded.model.parameters())
+        engine.stop(drain_timeout=0)
+    memory_floor_ms = weight_bytes / bandwidth * 1e3
+    print(f"decode step of {args.batch} sequences, SmolLM2 bf16 on CPU, {args.steps} profiled steps")
+    print(f"floor: dense matmuls as plain bf16 ops {floor_ms:.1f} ms; weights {weight_bytes / 1e6:.0f} MB "
+          f"at {bandwidth / 1e9:.1f} GB/s copy bandwidth {memory_floor_ms:.1f} ms")  # fmt: skip
+    groups = [g for g, _ in GROUPS] + ["other operators"]
+    for label, (wall, by_group, top) in rows.items():
+        profiled = sum(by_group.values())
+        print(f"\n{label}: step {wall:.1f} ms = {wall / floor_ms:.1f}x the matmul floor "
+              f"({args.batch / wall * 1e3:.0f} tok/s)")  # fmt: skip
+        for group in groups:
+            ms = by_group.get(group, 0.0)
+            print(f"  {group:<36}{ms:>8.1f} ms {ms / wall:>6.0%}")
+            if group == "other operators":
+                print("    " + ", ".join(f"{name} {t:.1f} ms" for name, t in top))
+        rest = wall - profiled
+        print(f"  {'host overhead (wall - operators)':<36}{rest:>8.1f} ms {rest / wall:>6.0%}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
