@@ -62,7 +62,8 @@ class ServeSettings:
             requests naming adapter reference REF are answered by the merged model MODEL (a folder or a
             registry model reference, made by ``loraswap merge``) in an engine of its own, with no LoRA
             work per token. A model merged from one registry adapter answers for that version only: when
-            REF's tag moves to another version, its requests go to the shared base again.
+            REF's tag moves to another version, its requests go to the shared base again, until a
+            merge of that version is pushed under MODEL's tag (a route on a model tag follows it).
         route_max_batch_size: Sequences each route's engine decodes together (its KV-cache rows); None
             is the shared engine's ``max_batch_size``.
         route_memory_bytes: Memory all routes may hold together (weights + KV caches); a route past it

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,8 +151,11 @@ class Route:
             or (sha256_digest(record_file.read_bytes()) if record_file.is_file() else "")
         )
         """What results say they were answered with (``adapter_digest``)."""
-        self.in_flight = 0
-        self._lock = threading.Lock()
+        self.follows_tag = model_digest is not None and "@" not in spec.model
+        """The model is a registry tag: a newer merged model under it replaces this one
+        (:meth:`~loraswap.server.routes.router.Router.follow`)."""
+        self.checked_at = time.monotonic()
+        self.following = False
 
     def submit(self, request: Any) -> RoutedHandle:
         """Run ``request`` (which names this route's adapter) on the merged model."""

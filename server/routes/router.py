@@ -17,6 +17,7 @@ import logging
 import re
 import shutil
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
@@ -155,7 +156,59 @@ class Router:
             _, digest, _ = self.base.adapters.resolve(ref)  # tags re-resolved after the tag TTL
         except LoraswapError:
             return None
-        return next((r for r in bound if r.adapter_digest == digest), None)
+        match = next((r for r in bound if r.adapter_digest == digest), None)
+        if match is None:  # REF names another version now: a route on a model tag may have moved with it
+            for route in bound:
+                self._follow_later(route)
+        return match
+
+    def _follow_later(self, route: Route) -> None:
+        """Look in the background for a newer merged model under a route's model tag, at most once per
+        tag TTL per route (:meth:`follow`)."""
+        if not route.follows_tag:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if route.following or now - route.checked_at < self.base.config.tag_ttl_s:
+                return
+            route.following, route.checked_at = True, now
+        self._builder.submit(self._follow_logged, route)
+
+    def _follow_logged(self, route: Route) -> None:
+        try:
+            self.follow(route)
+        except Exception:
+            log.exception("route %s: following its model tag failed", route.spec)
+        finally:
+            route.following = False
+
+    def follow(self, route: Route) -> Route | None:
+        """If ``route``'s model tag now names another merged model, made from the version its adapter
+        reference names now, bring that model up and put it in ``route``'s place (its running requests
+        finish on the old one, which is then freed). Returns the new route, or None when nothing moved
+        or the new model does not answer for the reference's version yet (requests stay on the shared
+        base until it does)."""
+        manifest = self.base.adapters.registry.resolve_model(route.spec.model)
+        if manifest.digest == route.model_digest:
+            return None
+        folder = self.base.adapters.registry.pull_model(f"{manifest.name}@{manifest.digest}")
+        try:
+            new = self._build(route.spec, False, folder, manifest.digest)
+        except InvalidArgumentError as exc:
+            log.info("route %s: %s is not for the current version yet: %s", route.spec, manifest.digest, exc)
+            return None
+        with self._lock:
+            if route not in self._routes:  # demoted meanwhile
+                new.stop(0)
+                return None
+            self._routes = tuple(new if r is route else r for r in self._routes)
+        log.info("route %s moved to %s", route.spec, manifest.digest)
+        route.stop(self.drain_seconds)
+        return new
+
+    def settle(self) -> None:
+        """Wait until the background work queued so far (promotions, tag follows) is done."""
+        self._builder.submit(lambda: None).result()
 
     def routed_to(self) -> dict[str, Route]:
         """Adapter digest → the route that answers for it (digest-bound routes only)."""
@@ -189,8 +242,13 @@ class Router:
             self._routes = ()
             raise
 
-    def _build(self, spec: RouteSpec, promoted: bool, folder: Path | None = None) -> Route:
-        model_digest = None
+    def _build(
+        self,
+        spec: RouteSpec,
+        promoted: bool,
+        folder: Path | None = None,
+        model_digest: str | None = None,
+    ) -> Route:
         if folder is None:
             folder, model_digest = model_folder(spec.model, self.base.adapters.registry)
         record = read_record(folder)
@@ -227,6 +285,7 @@ class Router:
         return Route(spec, folder, record, engine, model_digest, promoted)
 
     def _check_budget(self, spec: RouteSpec, need: RouteMemory) -> None:
+        """Refuse ``need`` past the budget (a route that replaces another holds both while it takes over)."""
         if self.route_memory_bytes is None:
             check_budget(spec, need, 0, available_bytes(self.base.device))
         else:

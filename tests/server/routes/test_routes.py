@@ -84,7 +84,9 @@ def test_a_route_answers_with_the_adapters_greedy_tokens_and_no_adapter_work(wor
     assert status.weights_bytes > 0 and status.kv_cache_bytes == route.engine.kv.nbytes
 
 
-def test_a_route_from_a_registry_model_and_a_moved_tag(world, make_adapter, tiny_base: Path) -> None:
+def test_a_route_from_a_registry_model_and_moved_tags(
+    world, make_adapter, tiny_base: Path, tmp_path: Path
+) -> None:
     registry, router = world["registry"], world["router"]
     model = registry.push_model(world["merged"], "bot-merged:v1")
     router.add_configured([RouteSpec("bot:prod", "bot-merged:v1")])
@@ -98,6 +100,21 @@ def test_a_route_from_a_registry_model_and_a_moved_tag(world, make_adapter, tiny
     assert run(router, "bot:prod", PROMPTS[0]).adapter_digest == newer.digest
     assert router.route_statuses()[0].state == "stale"
     assert router.route_for(f"bot@{world['digest']}") is route  # the old version is still routed
+
+    # The model tag moves too (a merge of the new version pushed under it): the route follows it.
+    newer_merged = tmp_path / "bot-merged-2"
+    source = AdapterSource.from_registry(registry, "bot:prod")
+    merge_adapters(resolve_base(tiny_base), [source], newer_merged, dtype="fp32")
+    moved = registry.push_model(newer_merged, "bot-merged:v1")
+    assert router.route_for("bot:prod") is None  # still the shared base; the follow starts behind it
+    router.settle()
+    (followed,) = router.routes
+    assert followed is not route and followed.model_digest == moved.digest
+    assert router.route_for("bot:prod") is followed and followed.adapter_digest == newer.digest
+    expected = run(world["engine"], "bot:prod", PROMPTS[1]).token_ids
+    assert run(router, "bot:prod", PROMPTS[1]).token_ids == expected
+    assert route.engine.loaded is None  # the replaced route's model is freed
+    assert router.follow(followed) is None  # nothing moved since
 
 
 def test_promotion_while_requests_stream_then_demotion_frees_the_route(world) -> None:
