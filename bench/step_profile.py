@@ -8,6 +8,9 @@ LoRA, norms and element-wise ops, sampling) and gives the rest of the wall time 
 plain ``torch`` bf16 ops in a loop over the real weights (the compute floor on this CPU), and the bytes
 of weights a step must read at least once divided by this machine's copy bandwidth (the memory floor).
 
+Each case runs with the fused q/k/v and gate/up projections (the default) and with the projections one
+by one (``fuse_projections=False``), side by side.
+
 Run: ``python -m bench.step_profile [--batch 32] [--steps 8] [--adapters 8]``.
 """
 
@@ -49,12 +52,12 @@ def group_of(name: str) -> str:
     return "other operators"
 
 
-def decoding_engine(base_dir: Path, registry: Path, batch: int, adapters: list[str]) -> Engine:
+def decoding_engine(base_dir: Path, registry: Path, batch: int, adapters: list[str], fuse: bool) -> Engine:
     """An engine (not started) with ``batch`` sequences prefilled and decoding."""
     engine = Engine(
         EngineConfig(
             base=str(base_dir), registry=str(registry), adapter_slots=max(len(adapters), 1), max_rank=16,
-            max_batch_size=batch, max_seq_len=512, prefill_between_layers=False,
+            max_batch_size=batch, max_seq_len=512, prefill_between_layers=False, fuse_projections=fuse,
         )
     )  # fmt: skip
     sampling = SamplingParams(max_new_tokens=400, temperature=0.0, ignore_eos=True)
@@ -140,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         names.append(f"bot-{i}")
     bandwidth = copy_bandwidth()
     rows = {}
-    for label, adapters in (("base only", []), (f"{args.adapters} adapters (r16 q,k,v,o)", names)):
-        engine = decoding_engine(base.path, work / "registry", args.batch, adapters)
+    cases = [("base only", []), (f"{args.adapters} adapters (r16 q,k,v,o)", names)]
+    for (label, adapters), fuse in [(case, fuse) for case in cases for fuse in (True, False)]:
+        label = f"{label}, {'fused q/k/v and gate/up' if fuse else 'projections one by one'}"
+        engine = decoding_engine(base.path, work / "registry", args.batch, adapters, fuse)
         with engine.step_lock:
             rows[label] = profile_steps(engine, args.steps)
             floor_ms = matmul_floor(engine, args.batch)

@@ -44,6 +44,9 @@ class EngineConfig:
         load_workers: Threads that fetch and parse adapters in the background.
         lora_op: ``auto`` (pick per batch), ``grouped`` (bmm over slot-buffer views), ``bgmv`` (gather +
             bmm), ``sgmv`` (per-segment matmul) or ``reference`` (per-token loop, for tests).
+        fuse_projections: Run each layer's q/k/v projections as one matmul and gate/up as one, over
+            the same weights (each projection's weight a view of the fused one; LoRA deltas added per
+            projection); plain unquantized bases only. ``false`` runs them one by one (the reference).
         admission_policy: ``adapter-aware``: when more distinct adapters wait than there are slots,
             requests whose adapters are resident are admitted ahead of those that need a slot (so the
             batch stays full), the slot given up is the idle one with the fewest waiters, and every
@@ -71,6 +74,7 @@ class EngineConfig:
     tag_ttl_s: float = 5.0
     load_workers: int = 2
     lora_op: str = "auto"
+    fuse_projections: bool = True
     admission_policy: str = "adapter-aware"
     admission_max_skips: int = 4
     admission_max_wait_rounds: int = 32

@@ -113,7 +113,9 @@ class Engine:
             workers=config.load_workers,
             observer=self.observer,
         )
-        self.forward = PackedForward(model, self.kv, context, self.adapters.ranks, config.lora_op)
+        self.forward = PackedForward(
+            model, self.kv, context, self.adapters.ranks, config.lora_op, config.fuse_projections
+        )
         self.eos_ids = _eos_ids(self.tokenizer, model)
         self._incoming: deque[RequestState] = deque()
         self._waiting: list[RequestState] = []

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraswap.server.engine.fused import fuse_layer
 from loraswap.server.engine.kv_cache import KVCache
 from loraswap.server.lora.context import LoraContext
 
@@ -72,7 +73,13 @@ class PackedForward:
     """Runs a Llama-family HF model's modules over packed batches with an external KV cache."""
 
     def __init__(
-        self, model: nn.Module, kv: KVCache, lora: LoraContext, ranks: dict[int, int], mode: str
+        self,
+        model: nn.Module,
+        kv: KVCache,
+        lora: LoraContext,
+        ranks: dict[int, int],
+        mode: str,
+        fuse_projections: bool = True,
     ) -> None:
         self.model = model
         self.inner = model.model
@@ -85,6 +92,12 @@ class PackedForward:
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.device = next(model.parameters()).device
+        n = len(self.inner.layers)
+        # Per layer: q/k/v and gate/up as one matmul each where the bases allow (engine/fused.py);
+        # None runs the projections one by one, the reference path.
+        self.fused = (
+            [fuse_layer(layer) for layer in self.inner.layers] if fuse_projections else [(None, None)] * n
+        )
 
     @torch.inference_mode()
     def __call__(
@@ -110,7 +123,7 @@ class PackedForward:
                     self.lora.restore(mine)
                 attn_in = layer.input_layernorm(hidden)
                 hidden = hidden + self._attention(layer.self_attn, attn_in, index, batch, cos, sin)
-                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+                hidden = hidden + self._mlp(layer.mlp, layer.post_attention_layernorm(hidden), index)
             last = self.inner.norm(hidden[want])
             return self.model.lm_head(last).float()
         finally:
@@ -164,6 +177,13 @@ class PackedForward:
         keys = torch.arange(batch.decode_len, device=self.device)
         batch.decode_mask = keys[None, :] <= torch.tensor(last_pos, device=self.device)[:, None]
 
+    def _mlp(self, mlp: nn.Module, x: torch.Tensor, layer: int) -> torch.Tensor:
+        gate_up = self.fused[layer][1]
+        if gate_up is None:
+            return mlp(x)
+        gate, up = gate_up(x)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+
     def _attention(
         self,
         attn: nn.Module,
@@ -174,9 +194,11 @@ class PackedForward:
         sin: torch.Tensor,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = attn.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = attn.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = attn.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        qkv = self.fused[layer][0]
+        q, k, v = qkv(x) if qkv is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         k_cache, v_cache = self.kv.k[layer], self.kv.v[layer]  # [rows, KVH, L, D]

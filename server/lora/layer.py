@@ -50,7 +50,11 @@ class BatchedLoraLinear(nn.Module):
         self.filled: dict[int, int] = {}  # slot -> rows holding weights; rows past it (and other slots) are 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        return self.add_delta(self.base(x), x)
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y`` (this projection's base output for ``x``, however it was computed: alone, or as a slice
+        of a fused projection) plus the batch's LoRA deltas of this layer."""
         ctx = self.context
         if ctx.op is None or ctx.used.isdisjoint(self.filled):
             return y  # no adapter of this batch targets this layer

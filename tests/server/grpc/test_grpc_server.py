@@ -572,6 +572,14 @@ def test_metrics_move_on_cold_and_warm_requests(
     )  # "fresh" is untracked
     assert delta(before, warm, "loraswap_generated_tokens_total", adapter="a1") == 3
     assert delta(before, warm, "loraswap_request_duration_seconds_count") == 3
+    # A step is observed once it has run, after its tokens went out: the step that ended the last reply
+    # may be counted just after that reply reached the client. Re-scrape until it is (a bounded number of
+    # times; each scrape is one HTTP round trip, so the step thread gets a turn between them).
+    for _ in range(50):
+        if delta(before, warm, "loraswap_batch_size_count") >= 9:
+            break
+        time.sleep(0.02)
+        text, warm = scrape(stack)
     assert delta(before, warm, "loraswap_batch_size_count") >= 9
     assert total(warm, "loraswap_adapter_cache_resident_adapters", tier="device") >= 1
     assert total(warm, "loraswap_adapter_cache_resident_bytes", tier="host") > 0
