@@ -115,8 +115,15 @@ def ready(handle: Any) -> list[TokenEvent]:
     return out
 
 
-def create_app(slot: EngineSlot, settings: ServeSettings, metrics: Metrics) -> ASGIApp:
-    """The app over the engine in ``slot`` (requests get 503 until the engine is attached)."""
+def create_app(
+    slot: EngineSlot, settings: ServeSettings, metrics: Metrics, watch_disconnects: bool = True
+) -> ASGIApp:
+    """The app over the engine in ``slot`` (requests get 503 until the engine is attached).
+
+    ``watch_disconnects``: a JSON answer's request is cancelled when its client hangs up before it is
+    ready (the ASGI server's ``http.disconnect``); off where the ASGI server relays ``receive`` from
+    elsewhere and may report a disconnect for a client that is still there (Ray Serve's replicas).
+    """
     app = FastAPI(title="loraswap", docs_url=None, redoc_url=None, openapi_url=None)
     auth = TokenAuth(settings.inference_tokens, settings.admin_tokens)
     metrics.track_methods(PATHS)
@@ -173,7 +180,7 @@ def create_app(slot: EngineSlot, settings: ServeSettings, metrics: Metrics) -> A
             events = handle.aevents()
             # A JSON answer reads nothing from the client until it is written: this watch is what
             # notices a hang-up meanwhile and cancels the request, freeing its row.
-            if not body.stream:
+            if not body.stream and watch_disconnects:
                 watch = asyncio.ensure_future(cancel_on_disconnect(request.receive, handle))
             try:
                 first = await anext(events)  # adapter errors (unknown, incompatible) surface here as a status

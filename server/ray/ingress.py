@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any
 
-from loraswap.errors import DrainingError
+from loraswap.errors import CancelledError, DrainingError
 from loraswap.server.adapters.lru import LRU
 from loraswap.server.engine.api import (
     AdapterStatus,
@@ -218,7 +218,11 @@ class RemoteHandle:
             yield self._take(item)
 
     def cancel(self) -> None:
-        self._task.cancel()
+        """Stop the replica's stream; a reader still waiting on :meth:`aevents` gets the cancellation
+        instead of waiting for events that will not come."""
+        if not self._task.done():
+            self._task.cancel()
+            self._queue.put_nowait(CancelledError("the request was cancelled"))
 
 
 class RemoteEngine:
@@ -272,7 +276,10 @@ def http_app(settings: ServeSettings, config: RayAppConfig) -> Any:
     engine = RemoteEngine(Dispatcher(replicas, settings, config))
     slot = EngineSlot()
     slot.engine = engine
-    return InfoFirst(create_app(slot, settings, Metrics(settings.metrics_adapters)), engine)
+    # Ray's replica relays ``receive`` from the proxy, which may report a disconnect on its own terms:
+    # a JSON answer is not cancelled on it (a stream still is, when sending to a gone client fails).
+    app = create_app(slot, settings, Metrics(settings.metrics_adapters), watch_disconnects=False)
+    return InfoFirst(app, engine)
 
 
 def ingress_deployment(config: RayAppConfig, settings: ServeSettings) -> Any:
