@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any
 
-from loraswap.errors import CancelledError, DrainingError
+from loraswap.errors import CancelledError, DrainingError, LoraswapError
 from loraswap.server.adapters.lru import LRU
 from loraswap.server.engine.api import (
     AdapterStatus,
@@ -189,9 +189,17 @@ class RemoteHandle:
         self._task = asyncio.get_running_loop().create_task(self._pump(dispatcher, request))
 
     async def _pump(self, dispatcher: Dispatcher, request: GenerationRequest) -> None:
+        """Move the replica's events into the queue; however the stream ends, the reader is told."""
+        finished = False
         try:
             async for event in dispatcher.stream(request):
                 self._queue.put_nowait(event)
+                finished = event.result is not None
+            if not finished:
+                self._queue.put_nowait(LoraswapError("the replica's stream ended without a result"))
+        except asyncio.CancelledError:
+            self._queue.put_nowait(CancelledError("the request was cancelled"))
+            raise
         except Exception as exc:
             self._queue.put_nowait(exc)
 
@@ -222,6 +230,8 @@ class RemoteHandle:
         instead of waiting for events that will not come."""
         if not self._task.done():
             self._task.cancel()
+            # Told here too: a pump cancelled before it ran never reaches its handler. A reader stops
+            # at the first error, so a second one from the pump is never read.
             self._queue.put_nowait(CancelledError("the request was cancelled"))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import random
 import socket
 import threading
 import time
@@ -48,9 +49,32 @@ SETTLE_S = 120.0  # upper bound of polls that wait for Ray to act (replicas up, 
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below the kernel's ephemeral range. A port the kernel picked (bind to 0) is one it
+    may also hand out as the source port of any outgoing connection (Ray opens many while it starts)
+    before Ray's proxy binds it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.Random().sample(range(20000, min(low, 32768)), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
+def wait_for_http(url: str) -> None:
+    """Until Ray Serve's HTTP proxy answers its health route (bounded attempts, short timeouts)."""
+    last: Exception | None = None
+    for _ in range(120):
+        try:
+            with urllib.request.urlopen(f"{url}/-/healthz", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError as exc:
+            last = exc
+        time.sleep(0.5)
+    raise AssertionError(f"Ray Serve's HTTP proxy never answered on {url}: {last}")
 
 
 class Cluster:
@@ -120,6 +144,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Iterat
             )
             config = RayAppConfig(min_replicas=2, max_replicas=2, replica_cpus=1.0)
             serve.run(build(config, settings), name=APP_NAME, route_prefix="/")
+            wait_for_http(f"http://127.0.0.1:{http_port}")
             yield Cluster(grpc_port, http_port, registry, folders)
         finally:
             serve.shutdown()
