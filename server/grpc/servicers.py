@@ -85,7 +85,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     def ListAdapters(self, request: admin_pb2.ListAdaptersRequest, context: grpc.ServicerContext) -> Any:
         engine = self.slot.get()
-        routed = {d: r.spec.model for d, r in routed_to(engine).items()}
+        routed = routed_to(engine)
         adapters = [convert.status_to_pb(s, routed.get(s.digest, "")) for s in engine.list_adapters()]
         return admin_pb2.ListAdaptersResponse(adapters=adapters)
 
@@ -111,9 +111,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return engine
 
 
-def routed_to(engine: Any) -> dict[str, Any]:
-    """Adapter digest → route, for an engine behind a route table (empty for a bare engine)."""
-    return engine.routed_to() if hasattr(engine, "routed_to") else {}
+def routed_to(engine: Any) -> dict[str, str]:
+    """Adapter digest → the merged model its route serves, for an engine behind a route table (empty
+    for a bare engine)."""
+    if not hasattr(engine, "routed_to"):
+        return {}
+    return {digest: route.spec.model for digest, route in engine.routed_to().items()}
 
 
 def route_statuses(engine: Any) -> list[Any]:

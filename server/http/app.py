@@ -148,7 +148,7 @@ def create_app(
         info = engine.info()
         base = {"kind": "base", "fingerprint": info.base_fingerprint, "quantization": info.quantization}
         cards = [models.ModelCard(id=info.base_model, loraswap=base)]
-        routed = {digest: route.spec.model for digest, route in routed_to(engine).items()}
+        routed = routed_to(engine)
         for s in engine.list_adapters():
             extra = {"kind": "adapter", "digest": s.digest, "tiers": list(s.tiers), "pinned": s.pinned,
                      "rank": s.rank, "size_bytes": s.size_bytes, "base": info.base_model,

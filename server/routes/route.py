@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from loraswap.errors import InvalidArgumentError, NotFoundError, OverloadedError
 from loraswap.merge.record import RECORD_FILE, MergeRecord
+from loraswap.models.fingerprint import weight_shapes
 from loraswap.registry.manifest import sha256_digest
 from loraswap.server.engine import Engine, EngineConfig
 from loraswap.server.engine.api import TokenEvent
@@ -80,18 +82,9 @@ def estimate_memory(folder: Path, config: EngineConfig, quantization: str) -> Ro
     dtype's, plus the KV cache of ``config``."""
     compute = 4.0 if quantization == "fp32" else 2.0
     weights = 0.0
-    for shard in sorted(folder.glob("*.safetensors")):
-        with open(shard, "rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(size))
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            count = 1
-            for dim in entry["shape"]:
-                count *= dim
-            linear = name.endswith("proj.weight") and len(entry["shape"]) == 2
-            weights += count * (BYTES_PER_WEIGHT[quantization] if linear else compute)
+    for name, shape in weight_shapes(folder).items():
+        linear = name.endswith("proj.weight") and len(shape) == 2
+        weights += math.prod(shape) * (BYTES_PER_WEIGHT[quantization] if linear else compute)
     model = json.loads((folder / "config.json").read_text())
     heads = model["num_attention_heads"]
     head_dim = model.get("head_dim") or model["hidden_size"] // heads
@@ -225,11 +218,15 @@ def release_engine(engine: Engine) -> None:
     empty_device_cache(engine.device)
 
 
-def route_engine_config(base: EngineConfig, folder: Path, max_batch_size: int | None) -> EngineConfig:
-    """The engine of a route over ``folder``: the shared engine's settings, no adapter slots."""
+def route_engine_config(
+    base: EngineConfig, folder: Path, max_batch_size: int | None, quantization: str, device: str
+) -> EngineConfig:
+    """The engine of a route over ``folder``: the shared engine's settings (at the precision and on the
+    device it resolved to), no adapter slots."""
     return dataclasses.replace(
-        base, base=str(folder), adapter_slots=0, max_batch_size=max_batch_size or base.max_batch_size
-    )
+        base, base=str(folder), adapter_slots=0, max_batch_size=max_batch_size or base.max_batch_size,
+        quantization=quantization, device=device,
+    )  # fmt: skip
 
 
 def check_budget(spec: RouteSpec, need: RouteMemory, used: int, budget: int) -> None:

@@ -12,7 +12,6 @@ The table is replaced, never changed in place, so a request reads one consistent
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import shutil
@@ -28,7 +27,7 @@ from loraswap.errors import InvalidArgumentError, LoraswapError, NotFoundError
 from loraswap.merge.builder import merge_adapters
 from loraswap.merge.record import RECORD_FILE
 from loraswap.merge.sources import AdapterSource
-from loraswap.server.engine import Engine
+from loraswap.server.engine import Engine, EngineConfig
 from loraswap.server.engine.api import AdapterStatus, EngineInfo, GenerationRequest, Tier
 from loraswap.server.routes.route import (
     Route,
@@ -85,7 +84,7 @@ class Router:
         self.drain_seconds = drain_seconds
         self.observer = observer or _NoObserver()
         self._routes: tuple[Route, ...] = ()
-        self._lock = threading.Lock()  # one change of the table (and one budget check) at a time
+        self._lock = threading.Lock()  # one change of the table at a time
         self._builder = ThreadPoolExecutor(1, thread_name_prefix="route-builder")
         self._promoting: dict[str, Future[Route]] = {}
 
@@ -275,17 +274,23 @@ class Router:
                         )
         if problems:
             raise InvalidArgumentError(f"route {spec} cannot be served", problems)
-        quantization = self.base.loaded.quantization
-        config = route_engine_config(self.base.config, folder, self.route_max_batch_size)
-        config = dataclasses.replace(config, quantization=quantization, device=str(self.base.device))
-        with self._lock:
-            self._check_budget(spec, estimate_memory(folder, config, quantization))
+        config = self._route_config(folder)
+        self._check_budget(spec, estimate_memory(folder, config, config.quantization))
         engine = Engine(config, registry=self.base.adapters.registry)
         engine.start()
         return Route(spec, folder, record, engine, model_digest, promoted)
 
+    def _route_config(self, folder: Path) -> EngineConfig:
+        """The engine config of a route over ``folder`` (the shared engine's precision and device)."""
+        return route_engine_config(
+            self.base.config, folder, self.route_max_batch_size, self.base.loaded.quantization,
+            str(self.base.device),
+        )  # fmt: skip
+
     def _check_budget(self, spec: RouteSpec, need: RouteMemory) -> None:
-        """Refuse ``need`` past the budget (a route that replaces another holds both while it takes over)."""
+        """Refuse ``need`` past the budget (a route that replaces another holds both while it takes over).
+        Routes are built one at a time (at start, then on the one builder thread), so the table read
+        here cannot grow before the new route joins it."""
         if self.route_memory_bytes is None:
             check_budget(spec, need, 0, available_bytes(self.base.device))
         else:
@@ -331,9 +336,10 @@ class Router:
             output = paths.home() / "routes" / digest.split(":", 1)[1][:32]
             quantization = self.base.loaded.quantization
             spec = RouteSpec(ref, str(output))
-            config = route_engine_config(self.base.config, self.base.base_ref.path, self.route_max_batch_size)
-            with self._lock:  # before the merge: a route that cannot fit is refused at once
-                self._check_budget(spec, estimate_memory(self.base.base_ref.path, config, quantization))
+            # Before the merge (the merged model has the base's shapes): a route that cannot fit is
+            # refused at once, not after minutes of merging.
+            config = self._route_config(self.base.base_ref.path)
+            self._check_budget(spec, estimate_memory(self.base.base_ref.path, config, quantization))
             if not (output / RECORD_FILE).is_file():
                 output.parent.mkdir(parents=True, exist_ok=True)
                 merge_adapters(
