@@ -72,6 +72,7 @@ def request_from_body(
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=body.seed,
         stop=stop,
+        ignore_eos=body.ignore_eos,
     )
     problems += generation_problems(prompt, messages, requested, sampling, settings, max_tokens_name=name)
     if problems:

@@ -32,6 +32,8 @@ class _Request(BaseModel):
     user: str | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+    ignore_eos: bool = False
+    """vLLM's extra parameter: generate up to the token limit past end-of-sequence tokens."""
 
 
 class CompletionRequest(_Request):

@@ -97,6 +97,24 @@ def test_user_does_not_change_result_and_seed_reproduces(oai: openai.OpenAI) -> 
     assert a.choices[0].text == b.choices[0].text
 
 
+def test_ignore_eos_is_vllms_extra_parameter(serve: ServeProcess, oai: openai.OpenAI) -> None:
+    from loraswap.server.http.convert import request_from_body
+    from loraswap.server.http.models import CompletionRequest
+
+    body = CompletionRequest(model="a1", prompt=PROMPT, max_tokens=5, ignore_eos=True)
+    assert request_from_body(body, ServeSettings(), "base").sampling.ignore_eos
+    assert not request_from_body(
+        body.model_copy(update={"ignore_eos": False}), ServeSettings(), "base"
+    ).sampling.ignore_eos
+    with Client(serve.target, token=INFERENCE, timeout=60) as grpc_client:
+        params = SamplingParams(20, temperature=0, ignore_eos=True)
+        ref = grpc_client.generate(PROMPT, adapter="a1", sampling=params)
+    out = oai.completions.create(
+        model="a1", prompt=PROMPT, max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert out.choices[0].text == ref.text and out.usage.completion_tokens == 20 == ref.completion_tokens
+
+
 def test_streaming_with_usage_matches_non_streaming(oai: openai.OpenAI) -> None:
     full = oai.chat.completions.create(model="a1:prod", messages=CHAT, max_tokens=12, temperature=0)
     chunks = list(
