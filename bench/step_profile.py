@@ -8,8 +8,9 @@ LoRA, norms and element-wise ops, sampling) and gives the rest of the wall time 
 plain ``torch`` bf16 ops in a loop over the real weights (the compute floor on this CPU), and the bytes
 of weights a step must read at least once divided by this machine's copy bandwidth (the memory floor).
 
-Each case runs with the fused q/k/v and gate/up projections (the default) and with the projections one
-by one (``fuse_projections=False``), side by side.
+Each case runs with the defaults (fused q/k/v and gate/up projections, prepacked oneDNN weights), then
+with plain weights (``pack_weights=False``), then with the projections one by one
+(``fuse_projections=False``), side by side; the floor is measured after each engine and its median used.
 
 Run: ``python -m bench.step_profile [--batch 32] [--steps 8] [--adapters 8]``.
 """
@@ -27,14 +28,19 @@ import torch
 
 from bench.adapters import write_adapter
 from loraswap.models import resolve_base
+from loraswap.models.fingerprint import weight_shapes
 from loraswap.registry import open_registry
 from loraswap.server.engine import Engine, EngineConfig
 from loraswap.server.engine.api import GenerationRequest, SamplingParams
+from loraswap.server.engine.packed import pack, packed_linear, packing_supported
 
 ELEMENTWISE = "aten::softmax aten::_softmax aten::mul aten::add aten::pow aten::mean aten::rsqrt aten::silu"
 COPIES = "aten::copy_ aten::index aten::index_select aten::gather aten::index_copy_ aten::embedding aten::to"
 GROUPS = (
-    ("dense matmul", ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul")),
+    (
+        "dense matmul",
+        ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "mkldnn::_linear_pointwise"),
+    ),
     ("batched matmul (attention, LoRA)", ("aten::bmm", "aten::baddbmm")),
     (
         "softmax / norms / element-wise",
@@ -52,12 +58,15 @@ def group_of(name: str) -> str:
     return "other operators"
 
 
-def decoding_engine(base_dir: Path, registry: Path, batch: int, adapters: list[str], fuse: bool) -> Engine:
+def decoding_engine(
+    base_dir: Path, registry: Path, batch: int, adapters: list[str], fuse: bool, pack: bool
+) -> Engine:
     """An engine (not started) with ``batch`` sequences prefilled and decoding."""
     engine = Engine(
         EngineConfig(
             base=str(base_dir), registry=str(registry), adapter_slots=max(len(adapters), 1), max_rank=16,
             max_batch_size=batch, max_seq_len=512, prefill_between_layers=False, fuse_projections=fuse,
+            pack_weights=pack,
         )
     )  # fmt: skip
     sampling = SamplingParams(max_new_tokens=400, temperature=0.0, ignore_eos=True)
@@ -96,22 +105,35 @@ def profile_steps(engine: Engine, steps: int) -> tuple[float, dict[str, float], 
     return statistics.median(walls) * 1e3, dict(groups), top
 
 
-def matmul_floor(engine: Engine, batch: int, repeats: int = 10) -> float:
-    """ms for one step's dense matmuls as plain bf16 ops over the real weights (batch x in @ in x out)."""
-    weights = [
-        m.weight
-        for m in engine.loaded.model.modules()
-        if isinstance(m, torch.nn.Linear) and m.weight.dim() == 2
-    ]
+def linear_shapes(base_dir: Path) -> list[tuple[int, int]]:
+    """``(out, in)`` of every dense matmul of a step: the projections and the logits (read from the
+    checkpoint's headers; a tied ``lm_head`` is the embedding's shape)."""
+    shapes = weight_shapes(base_dir)
+    out = [tuple(s) for name, s in shapes.items() if name.endswith("proj.weight") and len(s) == 2]
+    head = shapes.get("lm_head.weight") or shapes["model.embed_tokens.weight"]
+    return [*out, tuple(head)]
+
+
+def matmul_floor(base_dir: Path, batch: int, repeats: int = 10) -> dict[str, float]:
+    """ms for one step's dense matmuls alone (``batch`` rows through every weight shape of the model, bf16,
+    in a loop), with ``F.linear`` and with prepacked oneDNN weights (``engine/packed.py``)."""
+    shapes = linear_shapes(base_dir)
+    weights = [torch.randn(o, i, dtype=torch.bfloat16) * 0.02 for o, i in shapes]
     inputs = [torch.randn(batch, w.shape[1], dtype=w.dtype) for w in weights]
+    ops = {"F.linear": (torch.nn.functional.linear, weights)}
+    if packing_supported(torch.bfloat16, torch.device("cpu")):
+        ops["packed"] = (packed_linear, [pack(w, batch) for w in weights])
+    out = {}
     with torch.inference_mode():
-        for x, w in zip(inputs, weights, strict=True):
-            torch.nn.functional.linear(x, w)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            for x, w in zip(inputs, weights, strict=True):
-                torch.nn.functional.linear(x, w)
-    return (time.perf_counter() - start) / repeats * 1e3
+        for name, (op, ws) in ops.items():
+            for x, w in zip(inputs, ws, strict=True):
+                op(x, w)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                for x, w in zip(inputs, ws, strict=True):
+                    op(x, w)
+            out[name] = (time.perf_counter() - start) / repeats * 1e3
+    return out
 
 
 def copy_bandwidth() -> float:
@@ -144,18 +166,29 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = copy_bandwidth()
     rows = {}
     cases = [("base only", []), (f"{args.adapters} adapters (r16 q,k,v,o)", names)]
-    for (label, adapters), fuse in [(case, fuse) for case in cases for fuse in (True, False)]:
-        label = f"{label}, {'fused q/k/v and gate/up' if fuse else 'projections one by one'}"
-        engine = decoding_engine(base.path, work / "registry", args.batch, adapters, fuse)
-        with engine.step_lock:
-            rows[label] = profile_steps(engine, args.steps)
-            floor_ms = matmul_floor(engine, args.batch)
-        weight_bytes = sum(p.numel() * p.element_size() for p in engine.loaded.model.parameters())
-        engine.stop(drain_timeout=0)
+    variants = [  # (fused, packed): the default first, then each fast path off in turn
+        (True, True, "fused, packed weights"),
+        (True, False, "fused, plain weights (F.linear)"),
+        (False, True, "projections one by one, packed weights"),
+    ]
+    floors = []
+    for label, adapters in cases:
+        for fuse, pack_weights, variant in variants:
+            engine = decoding_engine(base.path, work / "registry", args.batch, adapters, fuse, pack_weights)
+            with engine.step_lock:
+                rows[f"{label}, {variant}"] = profile_steps(engine, args.steps)
+            engine.stop(drain_timeout=0)
+            del engine
+            floors.append(matmul_floor(base.path, args.batch))
+    floor = {name: statistics.median(f[name] for f in floors) for name in floors[0]}
+    floor_ms = min(floor.values())
+    weight_bytes = sum(2 * o * i for o, i in linear_shapes(base.path))
     memory_floor_ms = weight_bytes / bandwidth * 1e3
     print(f"decode step of {args.batch} sequences, SmolLM2 bf16 on CPU, {args.steps} profiled steps")
-    print(f"floor: dense matmuls as plain bf16 ops {floor_ms:.1f} ms; weights {weight_bytes / 1e6:.0f} MB "
-          f"at {bandwidth / 1e9:.1f} GB/s copy bandwidth {memory_floor_ms:.1f} ms")  # fmt: skip
+    alone = ", ".join(f"{k} {v:.1f} ms" for k, v in floor.items())
+    print(f"floor: the step's dense matmuls alone, bf16, {alone}"
+          f" (median of {len(floors)}); weights {weight_bytes / 1e6:.0f} MB at {bandwidth / 1e9:.1f} GB/s "
+          f"copy bandwidth {memory_floor_ms:.1f} ms")  # fmt: skip
     groups = [g for g, _ in GROUPS] + ["other operators"]
     for label, (wall, by_group, top) in rows.items():
         profiled = sum(by_group.values())
@@ -168,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
                 print("    " + ", ".join(f"{name} {t:.1f} ms" for name, t in top))
         rest = wall - profiled
         print(f"  {'host overhead (wall - operators)':<36}{rest:>8.1f} ms {rest / wall:>6.0%}")
+    print()
+    for label, _ in cases:
+        default = rows[f"{label}, {variants[0][2]}"][0]
+        for _, _, variant in variants[1:]:
+            ratio = rows[f"{label}, {variant}"][0] / default
+            print(f"{label}: {variants[0][2]} vs {variant}: {ratio:.2f}x tok/s")
     return 0
 
 

@@ -45,8 +45,15 @@ class EngineConfig:
         lora_op: ``auto`` (pick per batch), ``grouped`` (bmm over slot-buffer views), ``bgmv`` (gather +
             bmm), ``sgmv`` (per-segment matmul) or ``reference`` (per-token loop, for tests).
         fuse_projections: Run each layer's q/k/v projections as one matmul and gate/up as one, over
-            the same weights (each projection's weight a view of the fused one; LoRA deltas added per
-            projection); plain unquantized bases only. ``false`` runs them one by one (the reference).
+            the same weights (each projection's weight a view of the fused one, or one packed tensor
+            with ``pack_weights``; the group's LoRA shrinks as one matmul, the expands per projection);
+            plain unquantized bases only. ``false`` runs them one by one (the reference).
+        pack_weights: On CPU (bf16 where the CPU supports it, fp32), reorder each plain base projection's
+            weight once into oneDNN's layout (``engine/packed.py``) instead of on every matmul; the
+            packed weight replaces the plain one (a fused group's too). A tied ``lm_head`` is packed as
+            well and keeps the embedding's plain weight beside it: one extra copy of the vocabulary
+            matrix. Quantized bases and other devices are left alone; ``false`` runs ``F.linear`` on
+            the plain weights (the reference).
         admission_policy: ``adapter-aware``: when more distinct adapters wait than there are slots,
             requests whose adapters are resident are admitted ahead of those that need a slot (so the
             batch stays full), the slot given up is the idle one with the fewest waiters, and every
@@ -75,6 +82,7 @@ class EngineConfig:
     load_workers: int = 2
     lora_op: str = "auto"
     fuse_projections: bool = True
+    pack_weights: bool = True
     admission_policy: str = "adapter-aware"
     admission_max_skips: int = 4
     admission_max_wait_rounds: int = 32

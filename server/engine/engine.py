@@ -114,8 +114,9 @@ class Engine:
             observer=self.observer,
         )
         self.forward = PackedForward(
-            model, self.kv, context, self.adapters.ranks, config.lora_op, config.fuse_projections
-        )
+            model, self.kv, context, self.adapters.ranks, config.lora_op, config.fuse_projections,
+            config.pack_weights,
+        )  # fmt: skip
         self.eos_ids = _eos_ids(self.tokenizer, model)
         self._incoming: deque[RequestState] = deque()
         self._waiting: list[RequestState] = []

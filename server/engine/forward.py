@@ -16,6 +16,7 @@ from torch import nn
 
 from loraswap.server.engine.fused import fuse_layer
 from loraswap.server.engine.kv_cache import KVCache
+from loraswap.server.engine.packed import pack_base
 from loraswap.server.lora.context import LoraContext
 
 
@@ -80,6 +81,7 @@ class PackedForward:
         ranks: dict[int, int],
         mode: str,
         fuse_projections: bool = True,
+        pack_weights: bool = True,
     ) -> None:
         self.model = model
         self.inner = model.model
@@ -95,9 +97,24 @@ class PackedForward:
         n = len(self.inner.layers)
         # Per layer: q/k/v and gate/up as one matmul each where the bases allow (engine/fused.py);
         # None runs the projections one by one, the reference path.
-        self.fused = (
-            [fuse_layer(layer) for layer in self.inner.layers] if fuse_projections else [(None, None)] * n
-        )
+        hint = kv.k[0].shape[0] if pack_weights and kv.k else None  # packed for a full batch of rows
+        self.fused = [(None, None)] * n
+        if fuse_projections:
+            self.fused = [fuse_layer(layer, hint) for layer in self.inner.layers]
+        if hint is not None:
+            self._pack_projections(hint)
+
+    def _pack_projections(self, batch_hint: int) -> None:
+        """Every plain CPU base projection the forward calls that is not already in a packed fused group,
+        packed (engine/packed.py), ``lm_head`` included: a tied one keeps the embedding's plain weight
+        beside its packed copy (one extra copy of the vocabulary matrix, for a faster logits matmul)."""
+        for layer in self.inner.layers:
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                pack_base(layer.self_attn, name, batch_hint)
+            if hasattr(layer.mlp, "act_fn"):
+                for name in ("gate_proj", "up_proj", "down_proj"):
+                    pack_base(layer.mlp, name, batch_hint)
+        pack_base(self.model, "lm_head", batch_hint)
 
     @torch.inference_mode()
     def __call__(

@@ -79,6 +79,60 @@ class BatchedLoraLinear(nn.Module):
         return (self.a[0].numel() + self.bt[0].numel()) * self.a.element_size()
 
 
+class SharedShrink:
+    """The LoRA layers of projections that read the same input (a fused q/k/v or gate/up group), with
+    one shrink for all of them: their A slot buffers become views of one buffer
+    ``[slots, max_rank, P, in]`` (layer i's ``a`` is ``shared[:, :, i]``), so the batch's ``A x`` of every
+    projection is one matmul; each projection's expand then runs on its own output
+    (:meth:`~loraswap.server.lora.ops.LoraOp.apply_shared`).
+
+    The layers keep their ``a`` (a view, filled by :func:`fill_slot` as before) and their contents;
+    nothing is stored twice. Ops without a shared shrink, and batches that target fewer than two of the
+    projections, run each projection's :meth:`BatchedLoraLinear.add_delta` (the reference path).
+
+    Args:
+        layers: The projections' LoRA layers (same context, slots, rank, input size, dtype, device).
+    """
+
+    def __init__(self, layers: list[BatchedLoraLinear]) -> None:
+        if not shareable(layers):
+            raise ValueError("the layers do not share one input and one slot layout")
+        slots, rank, in_features = layers[0].a.shape
+        self.a = layers[0].a.new_zeros(slots, rank, len(layers), in_features)
+        for i, layer in enumerate(layers):
+            self.a[:, :, i].copy_(layer.a)
+            layer.a = self.a[:, :, i]
+            layer._arrays = None  # numpy views of the old buffer
+        self.layers = layers
+        self.context = layers[0].context
+
+    def add_deltas(self, ys: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+        """``ys`` (the projections' base outputs for ``x``) plus the batch's LoRA deltas of each."""
+        ctx = self.context
+        targeted = [ctx.op is not None and not ctx.used.isdisjoint(layer.filled) for layer in self.layers]
+        if sum(targeted) >= 2:
+            flat = x.reshape(-1, x.shape[-1]).to(self.a.dtype)
+            bts = [layer.bt for layer in self.layers]
+            out = ctx.op.apply_shared(ys, flat, self.a, bts, targeted, ctx)
+            if out is not None:
+                return out
+        return [layer.add_delta(y, x) for layer, y in zip(self.layers, ys, strict=True)]
+
+
+def shareable(layers: list[nn.Module]) -> bool:
+    """Whether ``layers`` are LoRA layers that a :class:`SharedShrink` can join."""
+    if len(layers) < 2 or not all(isinstance(layer, BatchedLoraLinear) for layer in layers):
+        return False
+    first = layers[0]
+    return all(
+        layer.context is first.context
+        and layer.a.shape == first.a.shape
+        and layer.a.dtype == first.a.dtype
+        and layer.a.device == first.a.device
+        for layer in layers
+    )
+
+
 SlotPart = tuple[BatchedLoraLinear, torch.Tensor | None, torch.Tensor | None, float]
 
 

@@ -156,6 +156,33 @@ class LoraOp:
     def delta(self, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, ctx: LoraContext) -> torch.Tensor:
         raise NotImplementedError
 
+    def apply_shared(
+        self,
+        ys: list[torch.Tensor],
+        x: torch.Tensor,
+        a: torch.Tensor,
+        bts: list[torch.Tensor],
+        targeted: list[bool],
+        ctx: LoraContext,
+    ) -> list[torch.Tensor] | None:
+        """``ys[i] + delta_i`` for projections of the same ``x: [T, in]`` whose A slot buffers are one
+        ``a: [slots, max_rank, P, in]`` (projection i's buffer is ``a[:, :, i]``), ``bts[i]`` their
+        B^T buffers: one shrink for all of them, then each expand on its own output (projections not
+        ``targeted`` are passed through). None where this op has no shared shrink: the caller then
+        applies each projection's op alone."""
+        return None
+
+
+def _shared_rows(a: torch.Tensor, first: int, count: int, rank: int) -> torch.Tensor:
+    """The first ``rank`` rows of every projection of slots ``[first, first + count)`` of a shared A
+    buffer, as ``[count, rank * P, in]`` (rank-major, so a view for any ``rank``)."""
+    return a[first : first + count, :rank].flatten(1, 2)
+
+
+def _per_projection(h: torch.Tensor, rank: int, projections: int) -> torch.Tensor:
+    """``h: [..., rank * P]`` (rank-major, from :func:`_shared_rows`) as ``[..., P, rank]``, contiguous."""
+    return h.unflatten(-1, (rank, projections)).transpose(-1, -2).contiguous()
+
 
 def _plus(y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return y + delta.reshape(y.shape).to(y.dtype)
@@ -177,6 +204,31 @@ class GatherOp(LoraOp):
 
     def delta(self, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, ctx: LoraContext) -> torch.Tensor:
         return lora_bgmv(x, a, bt, ctx.slots, ctx.rank)
+
+    def apply_shared(
+        self,
+        ys: list[torch.Tensor],
+        x: torch.Tensor,
+        a: torch.Tensor,
+        bts: list[torch.Tensor],
+        targeted: list[bool],
+        ctx: LoraContext,
+    ) -> list[torch.Tensor] | None:
+        """One gather of every projection's A rows per token and one batched shrink, then
+        :func:`lora_bgmv`'s expand per projection."""
+        rank = ctx.rank or a.shape[1]
+        index = ctx.slots.clamp(min=0)
+        a_t = a[:, :rank].index_select(0, index).flatten(1, 2)  # [T, r*P, in]
+        h = _per_projection(torch.bmm(a_t, x.unsqueeze(-1)).squeeze(-1), rank, a.shape[2])  # [T, P, r]
+        keep = (ctx.slots >= 0).unsqueeze(-1)
+        out = []
+        for i, (y, bt, on) in enumerate(zip(ys, bts, targeted, strict=True)):
+            if on:
+                bt_t = bt[:, :rank].index_select(0, index)  # [T, r, out]
+                delta = torch.bmm(h[:, i].unsqueeze(1), bt_t).squeeze(1)
+                y = _plus(y, delta * keep.to(delta.dtype))
+            out.append(y)
+        return out
 
 
 class SegmentedOp(LoraOp):
@@ -208,6 +260,45 @@ class GroupedOp(LoraOp):
 
     def delta(self, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, ctx: LoraContext) -> torch.Tensor:
         return lora_grouped(x, a, bt, ctx.slots, ctx.rank, ctx.layout)
+
+    def apply_shared(
+        self,
+        ys: list[torch.Tensor],
+        x: torch.Tensor,
+        a: torch.Tensor,
+        bts: list[torch.Tensor],
+        targeted: list[bool],
+        ctx: LoraContext,
+    ) -> list[torch.Tensor] | None:
+        """One grid of the tokens and one bmm shrink over every projection's slot views, then each
+        projection's expand bmm (in place when the batch is its own grid, as :meth:`apply`)."""
+        first, count, per_slot, cells = ctx.layout
+        rank = ctx.rank or a.shape[1]
+        if ctx.in_place:
+            grid = x.view(count, per_slot, x.shape[-1])
+            active = None
+        else:
+            active = cells >= 0
+            grid = x.new_zeros(count * per_slot, x.shape[-1])
+            grid[cells[active]] = x[active]
+            grid = grid.view(count, per_slot, x.shape[-1])  # [S, n, in]
+        h = torch.bmm(grid, _shared_rows(a, first, count, rank).transpose(1, 2))  # [S, n, r*P]
+        h = _per_projection(h, rank, a.shape[2])  # [S, n, P, r]
+        out = []
+        for i, (y, bt, on) in enumerate(zip(ys, bts, targeted, strict=True)):
+            if on:
+                b = bt[first : first + count, :rank]
+                if active is None and y.dtype == bt.dtype:
+                    y.view(count, per_slot, bt.shape[-1]).baddbmm_(h[:, :, i], b)
+                else:
+                    expanded = torch.bmm(h[:, :, i], b).view(count * per_slot, -1)  # [S*n, out]
+                    if active is not None:
+                        delta = x.new_zeros(x.shape[0], bt.shape[2])
+                        delta[active] = expanded[cells[active]]
+                        expanded = delta
+                    y = _plus(y, expanded)
+            out.append(y)
+        return out
 
 
 REFERENCE, GATHER, SEGMENTED, GROUPED = ReferenceOp(), GatherOp(), SegmentedOp(), GroupedOp()

@@ -16,8 +16,10 @@ PROMPTS = ("The quick brown fox", "Once upon a time", "In the beginning", "Hello
 
 
 def engines(tiny_base: Path, root: Path) -> dict[bool, Engine]:
+    """Fused and one-by-one engines over plain weights (each projection's weight a view of the fused one;
+    packed weights are test_packed.py's)."""
     config = dict(base=str(tiny_base), registry=str(root), quantization="fp32", adapter_slots=3, max_rank=8,
-                  max_batch_size=4, max_seq_len=96)  # fmt: skip
+                  max_batch_size=4, max_seq_len=96, pack_weights=False)  # fmt: skip
     return {fuse: Engine(EngineConfig(**config, fuse_projections=fuse)) for fuse in (True, False)}
 
 

@@ -9,6 +9,7 @@ refused with its reason and nothing left behind.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import threading
 import weakref
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from loraswap.errors import InvalidArgumentError, NotFoundError, OverloadedError
 from loraswap.merge.builder import merge_adapters
@@ -200,3 +202,30 @@ def test_a_route_over_the_memory_budget_is_refused_with_the_numbers(world) -> No
         fits.promote("other", timeout=300)
     for r in fits.routes:
         r.stop(0)
+
+
+def test_the_estimate_counts_the_packed_copy_of_a_tied_lm_head(tiny_base: Path, tmp_path: Path) -> None:
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from loraswap.server.engine.packed import packing_supported
+
+    if not packing_supported(torch.float32, torch.device("cpu")):
+        pytest.skip("this torch build cannot pack fp32 weights on this CPU")
+    tied = tmp_path / "tied"
+    tied.mkdir()
+    tensors = load_file(str(tiny_base / "model.safetensors"))
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(tied / "model.safetensors"))
+    config = json.loads((tiny_base / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    engine_config = EngineConfig(base=str(tied), device="cpu")
+    packed = estimate_memory(tied, engine_config, "fp32")
+    plain = estimate_memory(tied, dataclasses.replace(engine_config, pack_weights=False), "fp32")
+    vocab = tensors["model.embed_tokens.weight"].numel() * 4
+    assert packed.weights - plain.weights == vocab and packed.kv_cache == plain.kv_cache
+    untied = EngineConfig(base=str(tiny_base), device="cpu")  # an own lm_head is packed in its place
+    assert estimate_memory(tiny_base, untied, "fp32") == estimate_memory(
+        tiny_base, dataclasses.replace(untied, pack_weights=False), "fp32"
+    )
