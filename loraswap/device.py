@@ -1,10 +1,13 @@
 """The one module that touches ``torch.cuda`` (engine, trainer, metrics): device choice, memory figures,
-random-number state."""
+random-number state; and which threads run torch's CPU ops in parallel (:func:`serial_torch_thread`)."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import resource
+from pathlib import Path
 
 import torch
 
@@ -78,3 +81,36 @@ def empty_device_cache(device: torch.device) -> None:
     """Give the CUDA caching allocator's unused blocks back to the device (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+@functools.cache
+def _openmp_runtime() -> ctypes.CDLL | None:
+    """The OpenMP runtime torch's CPU ops run on (libgomp in torch's CPU builds, or an Intel/LLVM one),
+    as loaded into this process; None where none is found (no ``/proc``, or a build without OpenMP)."""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    for line in maps:
+        path = line.split()[-1] if line.split() else ""
+        if any(name in Path(path).name for name in ("libgomp", "libiomp", "libomp")):
+            return ctypes.CDLL(path)
+    return None
+
+
+def serial_torch_thread() -> None:
+    """Run the calling thread's torch CPU ops on the thread alone, so that it never makes an OpenMP team.
+
+    With OpenMP (torch's CPU builds), each thread that runs a parallel op keeps a team of worker threads
+    for the rest of its life. Once a process has more OpenMP threads than CPUs, libgomp stops spinning
+    between parallel regions and every op of every team pays for putting its workers to sleep and waking
+    them (``bench/RESULTS.md``, "One OpenMP team"). The engine's step thread is the one that should run
+    ops in parallel; every other long-lived thread that touches torch (the server's main thread while it
+    loads the model, adapter loads, route builds) calls this first. It must come before the thread's first
+    parallel op: a team, once made, stays. It sets only the calling thread's OpenMP thread count; torch's
+    own setting (``torch.get_num_threads()`` in other threads) is unchanged.
+    """
+    torch.get_num_threads()  # torch's per-thread set-up of the OpenMP thread count runs once, first
+    runtime = _openmp_runtime()
+    if runtime is not None:
+        runtime.omp_set_num_threads(1)

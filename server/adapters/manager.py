@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loraswap.device import serial_torch_thread
 from loraswap.errors import AdapterValidationError, LoraswapError, NotFoundError
 from loraswap.registry.cache import CacheSession, cached_adapter_dir
 from loraswap.server.adapters.host_cache import HostCache
@@ -94,7 +95,9 @@ class AdapterManager:
         self._cpu_slots = all(
             layer.a.device.type == "cpu" and layer.a.dtype == dtype for layer in layers.values()
         )
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-load")
+        self._pool = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="adapter-load", initializer=serial_torch_thread
+        )  # only the step thread runs torch ops in parallel (loraswap/device.py)
         # Held while the process uses the disk tier: after a process that ended without closing it,
         # every cached version is hashed in full before its next use (registry/README.md, "Pull cache").
         self._cache_session = CacheSession.open()

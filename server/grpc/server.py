@@ -108,9 +108,11 @@ class GrpcServer:
 
 def serve(settings: ServeSettings, stop: threading.Event) -> int:
     """Run a server until ``stop`` is set, then drain. Returns the process exit status."""
+    from loraswap.device import serial_torch_thread
     from loraswap.server.engine import Engine
     from loraswap.server.routes.router import Router
 
+    serial_torch_thread()  # this thread loads the model; the engine's step thread is the one OpenMP team
     metrics = Metrics(settings.metrics_adapters)
     server = GrpcServer(settings, metrics)
     port = server.start()

@@ -75,8 +75,10 @@ class EngineReplica:
     """One engine; the body of the Ray Serve replica deployment (see :func:`replica_deployment`)."""
 
     def __init__(self, settings: ServeSettings) -> None:
+        from loraswap.device import serial_torch_thread
         from loraswap.server.engine import Engine
 
+        serial_torch_thread()  # this thread loads the model; the engine's step thread is the one OpenMP team
         self.settings = settings
         self.metrics = Metrics(settings.metrics_adapters)
         self.engine = Engine(settings.engine, observer=self.metrics)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from loraswap import paths
-from loraswap.device import available_bytes
+from loraswap.device import available_bytes, serial_torch_thread
 from loraswap.errors import InvalidArgumentError, LoraswapError, NotFoundError
 from loraswap.merge.builder import merge_adapters
 from loraswap.merge.record import RECORD_FILE
@@ -85,7 +85,9 @@ class Router:
         self.observer = observer or _NoObserver()
         self._routes: tuple[Route, ...] = ()
         self._lock = threading.Lock()  # one change of the table at a time
-        self._builder = ThreadPoolExecutor(1, thread_name_prefix="route-builder")
+        self._builder = ThreadPoolExecutor(
+            1, thread_name_prefix="route-builder", initializer=serial_torch_thread
+        )  # merges run serially beside the serving step threads (loraswap/device.py)
         self._promoting: dict[str, Future[Route]] = {}
 
     # -- the engine surface the edges use ---------------------------------------------------
