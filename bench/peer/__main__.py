@@ -11,7 +11,8 @@ over the OpenAI API with one thin client (:mod:`bench.peer.workload`):
   own adapter;
 - memory: PSS of the server's process tree after the cases.
 
-Every case has a warm-up round before its measured round. Adapters are rank ``--rank`` on q_proj and
+Every case has a warm-up round, then ``--rounds`` measured rounds with the cases interleaved (base, one,
+mixed, base, ...); a case's figure is the median of its rounds. Adapters are rank ``--rank`` on q_proj and
 v_proj of SmolLM2-135M-Instruct (bf16 on both servers); vLLM registers them all at start
 (``--lora-modules``), loraswap reads them from a registry into ``--adapters`` slots. vLLM's compute
 threads are bound to both cores (``--vllm-cores both``) or left to vLLM's default (one core kept for its
@@ -59,13 +60,22 @@ def measure(server: servers.Running, args: argparse.Namespace, run: int) -> dict
         "mixed": [f"bot-{i % k}" for i in range(n)],
     }
     out: dict = {"startup_s": server.startup_s}
-    for case in CASES:
-        r = asyncio.run(workload.concurrent_round(server.url, models[case], args.new_tokens, f"{run}{case}"))
-        out[case] = {"tokens_per_s": r.tokens_per_s, "tokens": r.tokens, "seconds": r.seconds,
-                     "ttft_p50_s": statistics.median(r.ttfts)}  # fmt: skip
-        expected = n * args.new_tokens
-        if r.tokens != expected:
-            raise RuntimeError(f"{server.name} {case}: {r.tokens} tokens, expected {expected}")
+    rounds: dict[str, list[workload.Round]] = {case: [] for case in CASES}
+    for case in CASES:  # warm-up rounds, then the measured rounds with the cases interleaved
+        asyncio.run(workload.concurrent_round(server.url, models[case], args.new_tokens, f"{run}{case}w"))
+    for k in range(args.rounds):
+        for case in CASES:
+            round_id = f"{run}{case}{k}"
+            r = asyncio.run(
+                workload.concurrent_round(server.url, models[case], args.new_tokens, round_id, False)
+            )
+            if r.tokens != n * args.new_tokens:
+                raise RuntimeError(f"{server.name} {case}: {r.tokens} tokens, expected {n * args.new_tokens}")
+            rounds[case].append(r)
+    for case, done in rounds.items():
+        rates = [r.tokens_per_s for r in done]
+        out[case] = {"tokens_per_s": statistics.median(rates), "rounds_tokens_per_s": rates,
+                     "ttft_p50_s": statistics.median(t for r in done for t in r.ttfts)}  # fmt: skip
     background = [f"bot-{i % k}" for i in range(n - 1)]
     idle, loaded = asyncio.run(
         workload.ttft_idle_and_loaded(
@@ -125,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--adapters", type=int, default=16)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3, help="measured rounds per case (median reported)")
     parser.add_argument("--probes", type=int, default=5, help="time-to-first-token probes per phase")
     parser.add_argument("--load-tokens", type=int, default=400, help="tokens of each background request")
     parser.add_argument("--vllm-cores", choices=("both", "default"), default="both")

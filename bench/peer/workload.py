@@ -79,13 +79,15 @@ def client(url: str, n: int) -> httpx2.AsyncClient:
     return httpx2.AsyncClient(base_url=f"{url}/v1", timeout=600, limits=limits)
 
 
-async def concurrent_round(url: str, models: list[str], max_tokens: int, round_id: str) -> Round:
-    """``len(models)`` requests at once, request i on ``models[i]``, after a warm-up round of the same shape
-    on the same client (connections open, adapters loaded)."""
+async def concurrent_round(
+    url: str, models: list[str], max_tokens: int, round_id: str, warm: bool = True
+) -> Round:
+    """``len(models)`` requests at once, request i on ``models[i]``; with ``warm``, after a warm-up round of
+    the same shape on the same client (connections open, adapters loaded)."""
     async with client(url, len(models)) as http:
-        await asyncio.gather(
-            *(one(http, m, prompt(f"{round_id}w", i), max_tokens) for i, m in enumerate(models))
-        )
+        if warm:
+            warmup = (one(http, m, prompt(f"{round_id}w", i), max_tokens) for i, m in enumerate(models))
+            await asyncio.gather(*warmup)
         start = time.perf_counter()
         out = await asyncio.gather(
             *(one(http, m, prompt(round_id, i), max_tokens) for i, m in enumerate(models))
