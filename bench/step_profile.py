@@ -8,11 +8,13 @@ LoRA, norms and element-wise ops, sampling) and gives the rest of the wall time 
 plain ``torch`` bf16 ops in a loop over the real weights (the compute floor on this CPU), and the bytes
 of weights a step must read at least once divided by this machine's copy bandwidth (the memory floor).
 
-Each case runs with the defaults (fused q/k/v and gate/up projections, prepacked oneDNN weights), then
-with plain weights (``pack_weights=False``), then with the projections one by one
-(``fuse_projections=False``), side by side; the floor is measured after each engine and its median used.
+Each case runs with the defaults (fused q/k/v and gate/up projections, prepacked oneDNN weights), with
+plain weights (``pack_weights=False``) and with the projections one by one (``fuse_projections=False``).
+A case's three engines are built side by side; after one profiled run each, their unprofiled steps
+alternate round by round (``--rounds``), and the ratios come from those rounds. The matmul floor is
+measured after each round (its median is used).
 
-Run: ``python -m bench.step_profile [--batch 32] [--steps 8] [--adapters 8]``.
+Run: ``python -m bench.step_profile [--batch 32] [--steps 8] [--adapters 8] [--rounds 3]``.
 """
 
 from __future__ import annotations
@@ -114,6 +116,16 @@ def linear_shapes(base_dir: Path) -> list[tuple[int, int]]:
     return [*out, tuple(head)]
 
 
+def timed_steps(engine: Engine, steps: int) -> float:
+    """Median wall ms of ``steps`` unprofiled decode steps."""
+    walls = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.step()
+        walls.append(time.perf_counter() - start)
+    return statistics.median(walls) * 1e3
+
+
 def matmul_floor(base_dir: Path, batch: int, repeats: int = 10) -> dict[str, float]:
     """ms for one step's dense matmuls alone (``batch`` rows through every weight shape of the model, bf16,
     in a loop), with ``F.linear`` and with prepacked oneDNN weights (``engine/packed.py``)."""
@@ -152,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of unprofiled steps")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="loraswap-step-profile-"))
     base = resolve_base("default")
@@ -172,14 +185,25 @@ def main(argv: list[str] | None = None) -> int:
         (False, True, "projections one by one, packed weights"),
     ]
     floors = []
+    timed: dict[str, list[float]] = {}
     for label, adapters in cases:
-        for fuse, pack_weights, variant in variants:
-            engine = decoding_engine(base.path, work / "registry", args.batch, adapters, fuse, pack_weights)
+        engines = {
+            f"{label}, {variant}": decoding_engine(
+                base.path, work / "registry", args.batch, adapters, fuse, pack
+            )
+            for fuse, pack, variant in variants
+        }  # the variants of a case side by side, so that their steps can alternate
+        for name, engine in engines.items():
             with engine.step_lock:
-                rows[f"{label}, {variant}"] = profile_steps(engine, args.steps)
-            engine.stop(drain_timeout=0)
-            del engine
+                rows[name] = profile_steps(engine, args.steps)
+        for _ in range(args.rounds):  # unprofiled steps, the variants alternating round by round
+            for name, engine in engines.items():
+                with engine.step_lock:
+                    timed.setdefault(name, []).append(timed_steps(engine, args.steps))
             floors.append(matmul_floor(base.path, args.batch))
+        for engine in engines.values():
+            engine.stop(drain_timeout=0)
+        del engines
     floor = {name: statistics.median(f[name] for f in floors) for name in floors[0]}
     floor_ms = min(floor.values())
     weight_bytes = sum(2 * o * i for o, i in linear_shapes(base.path))
@@ -201,12 +225,16 @@ def main(argv: list[str] | None = None) -> int:
                 print("    " + ", ".join(f"{name} {t:.1f} ms" for name, t in top))
         rest = wall - profiled
         print(f"  {'host overhead (wall - operators)':<36}{rest:>8.1f} ms {rest / wall:>6.0%}")
-    print()
+    print("\nunprofiled steps, the variants alternating: median ms per round, and tok/s ratios per round")
     for label, _ in cases:
-        default = rows[f"{label}, {variants[0][2]}"][0]
+        default = f"{label}, {variants[0][2]}"
+        for _, _, variant in variants:
+            name = f"{label}, {variant}"
+            print(f"  {name}: " + ", ".join(f"{ms:.1f}" for ms in timed[name]) + " ms")
         for _, _, variant in variants[1:]:
-            ratio = rows[f"{label}, {variant}"][0] / default
-            print(f"{label}: {variants[0][2]} vs {variant}: {ratio:.2f}x tok/s")
+            ratios = [v / d for v, d in zip(timed[f"{label}, {variant}"], timed[default], strict=True)]
+            print(f"  {label}: {variants[0][2]} vs {variant}: median {statistics.median(ratios):.2f}x tok/s "
+                  f"({', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
     return 0
 
 
