@@ -110,7 +110,14 @@ def serial_torch_thread() -> None:
     parallel op: a team, once made, stays. It sets only the calling thread's OpenMP thread count; torch's
     own setting (``torch.get_num_threads()`` in other threads) is unchanged.
     """
+    set_thread_torch_threads(1)
+
+
+def set_thread_torch_threads(threads: int) -> None:
+    """The calling thread's torch CPU ops use ``threads`` threads (1: no OpenMP team, see
+    :func:`serial_torch_thread`); other threads and ``torch.get_num_threads()`` elsewhere are unchanged.
+    Without an OpenMP runtime found, nothing changes."""
     torch.get_num_threads()  # torch's per-thread set-up of the OpenMP thread count runs once, first
     runtime = _openmp_runtime()
     if runtime is not None:
-        runtime.omp_set_num_threads(1)
+        runtime.omp_set_num_threads(threads)

@@ -63,6 +63,10 @@ class EngineConfig:
             first and a slot is drained for it.
         admission_max_wait_rounds: With ``adapter-aware``: admission rounds (one per step, one more per
             prefill between layers) a request may wait before it goes first and a slot is drained for it.
+        step_threads: CPU threads the step loop's torch ops use (:meth:`Engine.start`'s thread); None:
+            torch's setting. Each step thread that runs ops in parallel keeps an OpenMP team, and two
+            teams on the same cores slow every op of both (``loraswap.device.serial_torch_thread``), so
+            a route's engine beside the shared one runs with 1 on CPU.
     """
 
     base: str = "default"
@@ -86,6 +90,7 @@ class EngineConfig:
     admission_policy: str = "adapter-aware"
     admission_max_skips: int = 4
     admission_max_wait_rounds: int = 32
+    step_threads: int | None = None
 
     def admission(self) -> AdmissionConfig:
         """The admission policy's configuration."""
@@ -99,6 +104,8 @@ class EngineConfig:
             out.append(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.adapter_slots < 0:
             out.append(f"adapter_slots must be >= 0, got {self.adapter_slots}")
+        if self.step_threads is not None and self.step_threads < 1:
+            out.append(f"step_threads must be >= 1, got {self.step_threads}")
         for name in ("max_rank", "max_batch_size", "max_seq_len", "prefill_chunk"):
             if getattr(self, name) < 1:
                 out.append(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -23,7 +23,7 @@ from importlib import metadata
 
 import torch
 
-from loraswap.device import pick_device
+from loraswap.device import pick_device, set_thread_torch_threads
 from loraswap.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -124,6 +124,7 @@ class Engine:
         self._cv = threading.Condition()
         self.step_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self.step_threads: int | None = None  # the step thread's torch CPU threads, once it runs
         self._stopping = False
         self.scheduler = Scheduler(config.prefill_policy, config.prefill_chunk, config.prefill_between_layers)
         self.admission = AdmissionPolicy(config.admission())  # engine thread only, like the request lists
@@ -236,6 +237,9 @@ class Engine:
     # -- the step loop ------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self.config.step_threads is not None:
+            set_thread_torch_threads(self.config.step_threads)
+        self.step_threads = torch.get_num_threads()  # what the step thread runs with, for tests and info
         while True:
             with self._cv:
                 while not self._stopping and not self._running and not self._ready_waiting():

@@ -239,10 +239,12 @@ def route_engine_config(
     base: EngineConfig, folder: Path, max_batch_size: int | None, quantization: str, device: str
 ) -> EngineConfig:
     """The engine of a route over ``folder``: the shared engine's settings (at the precision and on the
-    device it resolved to), no adapter slots."""
+    device it resolved to), no adapter slots; on CPU its step thread runs serially beside the shared
+    engine's (``EngineConfig.step_threads``)."""
+    threads = 1 if torch.device(device).type == "cpu" else base.step_threads
     return dataclasses.replace(
         base, base=str(folder), adapter_slots=0, max_batch_size=max_batch_size or base.max_batch_size,
-        quantization=quantization, device=device,
+        quantization=quantization, device=device, step_threads=threads,
     )  # fmt: skip
 
 

@@ -84,6 +84,9 @@ def test_a_route_answers_with_the_adapters_greedy_tokens_and_no_adapter_work(wor
     (status,) = router.route_statuses()
     assert status.state == "serving" and status.method == "linear"
     assert status.weights_bytes > 0 and status.kv_cache_bytes == route.engine.kv.nbytes
+    # On CPU the route's step thread runs serially beside the shared engine's (one OpenMP team)
+    assert route.engine.config.step_threads == 1 and route.engine.step_threads == 1
+    assert engine.config.step_threads is None and engine.step_threads == torch.get_num_threads()
 
 
 def test_a_route_from_a_registry_model_and_moved_tags(
