@@ -14,6 +14,7 @@ import json
 import os
 import random
 import socket
+import sys
 import threading
 import time
 import urllib.request
@@ -75,6 +76,23 @@ def wait_for_http(url: str) -> None:
             last = exc
         time.sleep(0.5)
     raise AssertionError(f"Ray Serve's HTTP proxy never answered on {url}: {last}")
+
+
+def warm_http_app(url: str, attempts: int = 6, timeout: float = 20.0) -> int:
+    """Until the application answers through Ray's HTTP proxy (``/v1/models``, which asks a replica for
+    the engine info first); the attempts it took. The proxy's health route answers before the proxy has
+    a working route to the application: once in a long suite the first request through it was never
+    answered (120 s), so the first ones get a short timeout and are sent again, and the tests' own requests
+    meet a proxy that has answered one."""
+    last: Exception | None = None
+    for attempt in range(1, attempts + 1):
+        try:
+            with urllib.request.urlopen(f"{url}/v1/models", timeout=timeout) as response:
+                if response.status == 200:
+                    return attempt
+        except OSError as exc:
+            last = exc
+    raise AssertionError(f"the application never answered through Ray's HTTP proxy on {url}: {last}")
 
 
 class Cluster:
@@ -145,6 +163,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Iterat
             config = RayAppConfig(min_replicas=2, max_replicas=2, replica_cpus=1.0)
             serve.run(build(config, settings), name=APP_NAME, route_prefix="/")
             wait_for_http(f"http://127.0.0.1:{http_port}")
+            tries = warm_http_app(f"http://127.0.0.1:{http_port}")
+            print(f"the HTTP app answered through Ray's proxy at attempt {tries}", file=sys.stderr)
             yield Cluster(grpc_port, http_port, registry, folders)
         finally:
             serve.shutdown()
