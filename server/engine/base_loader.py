@@ -37,6 +37,12 @@ class LoadedBase:
     device: torch.device
 
 
+def compute_dtype(quantization: str) -> torch.dtype:
+    """The dtype a base loaded at ``quantization`` computes in: its own for plain dtypes, bf16 under
+    bitsandbytes (nf4, int8)."""
+    return _DTYPES.get(quantization, torch.bfloat16)
+
+
 def default_quantization(device: torch.device) -> str:
     """NF4 on CUDA; bf16 on CPU (NF4 on CPU is opt-in)."""
     return "nf4" if device.type == "cuda" else "bf16"
@@ -47,12 +53,11 @@ def load_base(ref: BaseModelRef, quantization: str, device: torch.device) -> Loa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(ref.path)
+    dtype = compute_dtype(quantization)
     if quantization in _DTYPES:
-        dtype = _DTYPES[quantization]
         with no_progress_bars():
             model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=dtype).to(device)
     elif quantization in ("nf4", "int8"):
-        dtype = torch.bfloat16
         config = bnb_config(quantization)
         with no_progress_bars():
             model = AutoModelForCausalLM.from_pretrained(

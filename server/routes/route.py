@@ -26,6 +26,7 @@ from loraswap.models.fingerprint import weight_shapes
 from loraswap.registry.manifest import sha256_digest
 from loraswap.server.engine import Engine, EngineConfig
 from loraswap.server.engine.api import TokenEvent
+from loraswap.server.engine.base_loader import compute_dtype
 from loraswap.server.engine.packed import packing_supported
 from loraswap.server.engine.request import RequestHandle
 
@@ -85,11 +86,13 @@ def estimate_memory(folder: Path, config: EngineConfig, quantization: str) -> Ro
     (nothing is loaded): linear weights at ``quantization``'s width, other tensors at the compute
     dtype's, plus the KV cache of ``config``. With ``pack_weights`` on a CPU engine, a tied ``lm_head``
     counts twice (its packed copy beside the embedding's plain weight, ``engine/packed.py``)."""
-    compute = 4.0 if quantization == "fp32" else 2.0
+    dtype = compute_dtype(quantization)
+    compute = float(dtype.itemsize)
     weights = 0.0
     shapes = weight_shapes(folder)
     embedding = shapes.get("model.embed_tokens.weight")
-    if "lm_head.weight" not in shapes and embedding is not None and _packs_on_cpu(config, quantization):
+    packs = config.pack_weights and packing_supported(dtype, pick_device(config.device))
+    if "lm_head.weight" not in shapes and embedding is not None and packs:
         weights += math.prod(embedding) * compute
     for name, shape in shapes.items():
         linear = name.endswith("proj.weight") and len(shape) == 2
@@ -101,14 +104,6 @@ def estimate_memory(folder: Path, config: EngineConfig, quantization: str) -> Ro
     kv = 2 * model["num_hidden_layers"] * config.max_batch_size * kv_heads * config.max_seq_len * head_dim
     weights += 2 * (head_dim // 2) * 4  # the rotary inverse frequencies (and their original): fp32 buffers
     return RouteMemory(int(weights), int(kv * compute))
-
-
-def _packs_on_cpu(config: EngineConfig, quantization: str) -> bool:
-    """Whether an engine of ``config`` packs its (plain) ``lm_head``: ``pack_weights`` on a CPU device
-    whose oneDNN supports the compute dtype."""
-    device = pick_device(config.device)
-    dtype = torch.float32 if quantization == "fp32" else torch.bfloat16
-    return config.pack_weights and packing_supported(dtype, device)
 
 
 class RoutedHandle(RequestHandle):
