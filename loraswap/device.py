@@ -91,10 +91,9 @@ def _openmp_runtime() -> ctypes.CDLL | None:
         maps = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
         return None
-    for line in maps:
-        path = line.split()[-1] if line.split() else ""
-        if any(name in Path(path).name for name in ("libgomp", "libiomp", "libomp")):
-            return ctypes.CDLL(path)
+    for fields in map(str.split, maps):
+        if fields and any(name in Path(fields[-1]).name for name in ("libgomp", "libiomp", "libomp")):
+            return ctypes.CDLL(fields[-1])
     return None
 
 
