@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import statistics
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.grpc_load import PROMPTS, percentile, prepare
+from bench.peer import workload
 from loraswap.devtools.launch import start_serve
 from loraswap.server.engine.api import SamplingParams
 from loraswap.server.grpc.client import AsyncClient
@@ -63,23 +63,10 @@ async def sdk_one(client: Any, i: int, n_adapters: int, new_tokens: int, base: s
 
 
 async def sse_one(client: Any, i: int, n_adapters: int, new_tokens: int, base: str) -> tuple:
-    """A thin HTTP client: ``httpx2`` (the openai SDK's own transport) streaming, each ``data:`` line
-    parsed with ``json`` (the work the gRPC client does per message), so the client's own cost stays
-    out of the server's figures."""
+    """A thin HTTP client (:func:`bench.peer.workload.one`), so the client's own cost stays out of the
+    server's figures."""
     adapter, prompt = job(i, n_adapters)
-    body = {"model": adapter or base, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
-    start, ttft, tokens = time.perf_counter(), None, 0
-    async with client.stream("POST", "/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            ttft = ttft if ttft is not None else time.perf_counter() - start
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    return ttft or 0.0, tokens
+    return await workload.one(client, adapter or base, prompt, new_tokens, ignore_eos=False)
 
 
 def clients(target: str, url: str, n: int) -> dict[str, tuple[Callable[[], Any], Callable]]:
