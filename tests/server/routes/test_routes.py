@@ -228,6 +228,8 @@ def test_the_estimate_counts_the_packed_copy_of_a_tied_lm_head(tiny_base: Path, 
     plain = estimate_memory(tied, dataclasses.replace(engine_config, pack_weights=False), "fp32")
     vocab = tensors["model.embed_tokens.weight"].numel() * 4
     assert packed.weights - plain.weights == vocab and packed.kv_cache == plain.kv_cache
+    half = estimate_memory(tied, engine_config, "fp16")  # fp16 weights are never packed: no extra copy
+    assert half == estimate_memory(tied, dataclasses.replace(engine_config, pack_weights=False), "fp16")
     untied = EngineConfig(base=str(tiny_base), device="cpu")  # an own lm_head is packed in its place
     assert estimate_memory(tiny_base, untied, "fp32") == estimate_memory(
         tiny_base, dataclasses.replace(untied, pack_weights=False), "fp32"
