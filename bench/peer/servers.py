@@ -16,7 +16,7 @@ import socket
 import subprocess
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from loraswap.devtools.launch import start_serve
@@ -41,7 +41,6 @@ class Running:
     base_model: str
     startup_s: float
     log: Path | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def free_port() -> int:
