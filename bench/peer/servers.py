@@ -102,9 +102,7 @@ def start_loraswap(
     served = start_serve(args, env)
     assert served.http_url is not None
     base = wait_ready(served.http_url, served.proc, timeout=60)
-    return Running(
-        "loraswap", served.proc, served.http_url, base, time.monotonic() - start, extra={"serve": served}
-    )
+    return Running("loraswap", served.proc, served.http_url, base, time.monotonic() - start)
 
 
 def tree_pids(root: int) -> list[int]:
