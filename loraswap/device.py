@@ -28,6 +28,11 @@ def pick_device(requested: str | None) -> torch.device:
     return torch.device("cuda") if cuda_available() else torch.device("cpu")
 
 
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability (major, minor) of a CUDA device."""
+    return torch.cuda.get_device_capability(device)
+
+
 def cuda_rng_states() -> list[torch.Tensor] | None:
     """The RNG state of every CUDA device (None without CUDA), for checkpoints."""
     return torch.cuda.get_rng_state_all() if cuda_available() else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,7 +152,10 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
     splits = load_splits(config, tokenizer)
     base_print = base_fingerprint(ref.path)
     random.seed(config.seed)
-    model = build_model(config, ref.path, device)
+    model, precision = build_model(config, ref.path, device)
+    log.info("%s", precision.describe())
+    if config.progress:
+        print(f"loraswap train: {precision.describe()}", file=sys.stderr, flush=True)
     optimizer = make_optimizer(config, trainable_parameters(model))
     steps = total_steps(config, len(splits.train))
     ctx = LoopContext(
@@ -180,6 +184,7 @@ def _train(config: TrainConfig, resume: bool) -> TrainResult:
         state=state,
         eval_loss=eval_loss,
         device=str(device),
+        precision=precision.name,
     )
     write_metadata(output, metadata)
     return TrainResult(output, ref, metadata, resumed_from, model, tokenizer)

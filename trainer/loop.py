@@ -1,5 +1,5 @@
 """The training loop: shuffled micro-batches, token-mean loss over gradient accumulation, clipping,
-AdamW + linear schedule, periodic eval and checkpoints, a tqdm bar on stderr."""
+AdamW + linear schedule, periodic eval and checkpoints, progress on stderr (:class:`Progress`)."""
 
 from __future__ import annotations
 
@@ -131,15 +131,49 @@ def _optimizer_step(ctx: LoopContext, group: list[list[Example]], state: Trainer
     return summed / supervised
 
 
+class Progress:
+    """What a run shows on stderr with ``progress``: a tqdm bar on a terminal; elsewhere (a log, a pipe,
+    ``make demo`` in CI) a plain line about every tenth of the run, so it is never minutes of silence.
+
+    Args:
+        total: Optimizer steps of the run.
+        initial: Steps done before (a resumed run).
+        enabled: ``progress`` of the run's config.
+        stream: Where it writes (stderr).
+    """
+
+    def __init__(self, total: int, initial: int, enabled: bool, stream=None) -> None:
+        from tqdm import tqdm
+
+        self.stream = stream or sys.stderr
+        self.total = total
+        self.lines = enabled and not _is_terminal(self.stream)
+        self.every = max(1, math.ceil(total / 10))
+        self.bar = tqdm(total=total, initial=initial, file=self.stream, disable=not enabled or self.lines)
+
+    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+        self.bar.update(1)
+        if self.lines and (step % self.every == 0 or step == self.total):
+            line = f"step {step}/{self.total}: loss {loss:.4f}, {tokens_per_s:.0f} tokens/s"
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _is_terminal(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
 def run_loop(ctx: LoopContext, state: TrainerState) -> TrainerState:
     """Train from ``state.step`` to ``ctx.total_steps``; ``state`` is updated in place and returned."""
-    from tqdm import tqdm
-
     cfg = ctx.config
     batches = micro_batches(len(ctx.train), cfg.micro_batch_size, cfg.seed)
     for _ in range(state.step * cfg.gradient_accumulation_steps):  # the batches done before a resume
         next(batches)
-    bar = tqdm(total=ctx.total_steps, initial=state.step, file=sys.stderr, disable=not cfg.progress)
+    bar = Progress(ctx.total_steps, state.step, cfg.progress)
     started, tokens_before, seconds_before = time.perf_counter(), state.tokens, state.seconds
     ctx.model.train()
     while state.step < ctx.total_steps:
@@ -150,8 +184,7 @@ def run_loop(ctx: LoopContext, state: TrainerState) -> TrainerState:
         elapsed = time.perf_counter() - started
         state.seconds = seconds_before + elapsed
         rate = (state.tokens - tokens_before) / max(elapsed, 1e-9)
-        bar.set_postfix(loss=f"{state.last_loss:.4f}", tok_s=f"{rate:.0f}")
-        bar.update(1)
+        bar.update(state.step, state.last_loss, rate)
         _periodic(ctx, state)
     bar.close()
     return state

@@ -53,8 +53,9 @@ def build_metadata(
     state: TrainerState,
     eval_loss: float | None,
     device: str,
+    precision: str | None = None,
 ) -> dict[str, Any]:
-    """The metadata document of a finished run."""
+    """The metadata document of a finished run (``precision``: the dtype the base trained in)."""
     return {
         "schema_version": SCHEMA_VERSION,
         "loraswap_version": __version__,
@@ -63,6 +64,7 @@ def build_metadata(
         "base_fingerprint": base["fingerprint"],
         "method": "qlora" if config.qlora else "lora",
         "device": device,
+        "precision": precision,
         "datasets": datasets,
         "config": config.to_dict(),
         "steps": state.step,

@@ -1,18 +1,23 @@
-"""Building the trainable model: a base (bf16/fp32, or 4-bit NF4 for QLoRA) wrapped by PEFT LoRA.
+"""Building the trainable model: a base (in the precision the hardware runs natively, or as asked; or
+4-bit NF4 for QLoRA) wrapped by PEFT LoRA.
 
 bitsandbytes is imported only for QLoRA runs, which need CUDA.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loraswap.errors import InvalidArgumentError
 from loraswap.models.base import no_progress_bars
 from loraswap.trainer.config import TrainConfig
+
+if TYPE_CHECKING:
+    from loraswap.precision import Precision
 
 ADAPTER_NAME = "default"
 
@@ -61,16 +66,44 @@ def lora_config(config: TrainConfig):
     )
 
 
-def _load_full_precision(config: TrainConfig, base_path: Path, device) -> Any:
+def training_precision(config: TrainConfig, stored: Any, device) -> Precision:
+    """The dtype the base trains in: ``config.dtype`` when set; for ``auto``, the dtype the base is stored
+    in (``stored``) where ``device`` runs it natively, else fp32 (a bf16 base on a CPU without native
+    bf16 trains several times faster in fp32: ``loraswap.precision``). QLoRA computes in the device's
+    native precision."""
+    from loraswap.precision import NAMES, default_precision, explicit
+
+    hardware = default_precision(device)
+    if config.qlora:
+        return dataclasses.replace(hardware, reason=f"nf4 weights; {hardware.reason}")
+    if config.dtype != "auto":
+        return explicit(NAMES[_torch_dtype(config.dtype)], "--dtype", hardware)
+    name = NAMES.get(stored, "fp32")
+    native = name == "fp32" or hardware.native_bf16 or (name == "fp16" and device.type == "cuda")
+    if native:
+        return dataclasses.replace(hardware, name=name, reason=f"as the base is stored; {hardware.reason}")
+    return dataclasses.replace(
+        hardware, name="fp32", reason=f"the base is stored in {name}; {hardware.reason}"
+    )
+
+
+def _torch_dtype(name: str) -> Any:
     import torch
+
+    return getattr(torch, name)
+
+
+def _load_full_precision(config: TrainConfig, base_path: Path, device) -> tuple[Any, Precision]:
     from transformers import AutoModelForCausalLM
 
-    dtype = "auto" if config.dtype == "auto" else getattr(torch, config.dtype)
+    dtype = "auto" if config.dtype == "auto" else _torch_dtype(config.dtype)
     with no_progress_bars():
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    precision = training_precision(config, model.dtype, device)
+    model.to(device=device, dtype=precision.dtype)
     if config.gradient_checkpointing:
         _checkpoint_activations(model)
-    return model
+    return model, precision
 
 
 def _checkpoint_activations(model) -> None:
@@ -86,40 +119,41 @@ def _checkpoint_activations(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _load_4bit(config: TrainConfig, base_path: Path, device) -> Any:
-    import torch
+def _load_4bit(config: TrainConfig, base_path: Path, device) -> tuple[Any, Precision]:
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
     from loraswap.models.quantization import bnb_config
 
+    precision = training_precision(config, None, device)
     with no_progress_bars():
         model = AutoModelForCausalLM.from_pretrained(
             base_path,
-            quantization_config=bnb_config("nf4"),
-            dtype=torch.bfloat16,
+            quantization_config=bnb_config("nf4", precision.dtype),
+            dtype=precision.dtype,
             device_map={"": device.index or 0},
         )
     # PEFT would call the deprecated gradient_checkpointing_enable: checkpointing is enabled here instead.
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if config.gradient_checkpointing:
         _checkpoint_activations(model)
-    return model
+    return model, precision
 
 
-def build_model(config: TrainConfig, base_path: Path, device) -> Any:
-    """The PEFT model ready to train; LoRA initialisation is seeded by ``config.seed``."""
+def build_model(config: TrainConfig, base_path: Path, device) -> tuple[Any, Precision]:
+    """The PEFT model ready to train (LoRA initialisation seeded by ``config.seed``) and the precision
+    its base computes in."""
     import torch
     from peft import get_peft_model
 
     load = _load_4bit if config.qlora else _load_full_precision
-    base = load(config, base_path, device)
+    base, precision = load(config, base_path, device)
     base.config.use_cache = False
     torch.manual_seed(config.seed)
     model = get_peft_model(base, lora_config(config), adapter_name=ADAPTER_NAME)
     if not config.qlora:
         model.to(device)
-    return model
+    return model, precision
 
 
 def trainable_parameters(model) -> list:

@@ -26,8 +26,9 @@ def quiet_bitsandbytes_import() -> None:
         logger.addFilter(_not_the_hub_kernel_notice)
 
 
-def bnb_config(kind: str) -> Any:
-    """``nf4``: 4-bit NormalFloat, double quantization, bf16 compute (QLoRA's recipe); ``int8``: LLM.int8.
+def bnb_config(kind: str, compute_dtype: Any = None) -> Any:
+    """``nf4``: 4-bit NormalFloat, double quantization (QLoRA's recipe), computing in ``compute_dtype``
+    (default bf16; fp16 on GPUs without native bf16, see ``loraswap.precision``); ``int8``: LLM.int8.
 
     Raises:
         InvalidArgumentError: bitsandbytes is not installed (it comes with the ``cuda`` extra).
@@ -51,6 +52,6 @@ def bnb_config(kind: str) -> Any:
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16,
         )
     return BitsAndBytesConfig(load_in_8bit=True)

@@ -20,7 +20,9 @@ class EngineConfig:
         registry: Registry URL (``file:///…``, ``s3://bucket/prefix``); None = ``$LORASWAP_REGISTRY`` or
             the local default.
         quantization: ``nf4`` / ``int8`` (bitsandbytes) / ``bf16`` / ``fp16`` / ``fp32``; None picks
-            ``nf4`` on CUDA and ``bf16`` on CPU (NF4 on CPU is opt-in).
+            ``nf4`` on CUDA (computing in bf16 from Ampere on, fp16 before) and, on CPU, ``bf16`` where
+            the CPU runs it natively (AVX512_BF16 or AMX), else ``fp32`` (``loraswap.precision``; NF4
+            on CPU is opt-in).
         device: ``cuda``, ``cuda:N`` or ``cpu``; None picks CUDA when available.
         adapter_slots: Adapters resident on the device at once (one forward pass mixes at most this many);
             0 serves the base alone with no LoRA layers (how a route serves a merged model).

@@ -47,7 +47,7 @@ from loraswap.server.engine.api import (
     TokenEvent,
     now,
 )
-from loraswap.server.engine.base_loader import default_quantization, load_base
+from loraswap.server.engine.base_loader import load_base
 from loraswap.server.engine.config import EngineConfig
 from loraswap.server.engine.detok import TextStream
 from loraswap.server.engine.forward import PackedForward
@@ -87,8 +87,7 @@ class Engine:
         self.base_ref = resolve_base(config.base)
         self.fingerprint = base_fingerprint(self.base_ref.path)
         _check_architecture(self.base_ref.config, config.max_seq_len)
-        quantization = config.quantization or default_quantization(self.device)
-        self.loaded = load_base(self.base_ref, quantization, self.device)
+        self.loaded = load_base(self.base_ref, config.quantization, self.device)
         self.tokenizer = self.loaded.tokenizer
         model = self.loaded.model
         dtype = self.loaded.compute_dtype

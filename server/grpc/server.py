@@ -129,6 +129,7 @@ def serve(settings: ServeSettings, stop: threading.Event) -> int:
     _say(f"listening on {settings.host}:{port} ({ports}); loading {settings.engine.base}")
     try:
         engine = Engine(settings.engine, observer=metrics)
+        _say(engine.loaded.precision.describe())
         engine.start()
         router = Router(
             engine,

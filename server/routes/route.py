@@ -86,12 +86,13 @@ def estimate_memory(folder: Path, config: EngineConfig, quantization: str) -> Ro
     (nothing is loaded): linear weights at ``quantization``'s width, other tensors at the compute
     dtype's, plus the KV cache of ``config``. With ``pack_weights`` on a CPU engine, a tied ``lm_head``
     counts twice (its packed copy beside the embedding's plain weight, ``engine/packed.py``)."""
-    dtype = compute_dtype(quantization)
+    device = pick_device(config.device)
+    dtype = compute_dtype(quantization, device)
     compute = float(dtype.itemsize)
     weights = 0.0
     shapes = weight_shapes(folder)
     embedding = shapes.get("model.embed_tokens.weight")
-    packs = config.pack_weights and packing_supported(dtype, pick_device(config.device))
+    packs = config.pack_weights and packing_supported(dtype, device)
     if "lm_head.weight" not in shapes and embedding is not None and packs:
         weights += math.prod(embedding) * compute
     for name, shape in shapes.items():

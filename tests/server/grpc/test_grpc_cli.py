@@ -61,3 +61,4 @@ def test_serve_drains_in_flight_requests_on_sigterm(tiny_base: Path, make_adapte
     assert first.text + "".join(e.text for e in rest) == result.text
     log = "".join(server.log)
     assert "draining" in log and "stopped" in log
+    assert "precision: fp32 (set by the quantization setting" in log
