@@ -16,15 +16,13 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    from loraswap.server.settings import add_arguments
-
     serve = subparsers.add_parser(
         "serve",
         help="run the gRPC inference server",
         description="Run the gRPC inference server. Settings: flags > LORASWAP_* env > --config YAML "
         "> defaults.",
+        populate=_serve_arguments,  # on first use: the settings import the engine's config, and torch
     )
-    add_arguments(serve)
     serve.set_defaults(func=_serve)
 
     gen = subparsers.add_parser(
@@ -83,6 +81,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     info = subparsers.add_parser("info", help="base model, device, capacities and limits of a running server")
     _client_args(info, admin=True)
     info.set_defaults(func=_info)
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from loraswap.server.settings import add_arguments
+
+    add_arguments(parser)
 
 
 def _client_args(parser: argparse.ArgumentParser, admin: bool) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from loraswap.server.engine.api import ChatMessage, SamplingParams
-from loraswap.server.settings import ServeSettings
+
+if TYPE_CHECKING:
+    from loraswap.server.settings import ServeSettings  # (it imports the engine's config, and torch)
 
 
 def generation_problems(

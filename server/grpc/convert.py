@@ -24,10 +24,10 @@ from loraswap.server.engine.api import (
 )
 from loraswap.server.grpc.pb import admin_pb2, inference_pb2
 from loraswap.server.limits import generation_problems
-from loraswap.server.settings import ServeSettings
 
 if TYPE_CHECKING:
     from loraswap.server.routes.route import RouteStatus
+    from loraswap.server.settings import ServeSettings  # (it imports the engine's config, and torch)
 
 FINISH_TO_PB = {
     "stop": inference_pb2.FINISH_REASON_STOP,
