@@ -9,7 +9,8 @@ from pathlib import Path
 
 REGISTRY_HELP = (
     "registry URL: a folder, file:///path or s3://bucket/prefix "
-    "(default: $LORASWAP_REGISTRY, else ~/.cache/loraswap/registry)"
+    "(default: $LORASWAP_REGISTRY, else $LORASWAP_HOME/registry when set, else "
+    "$XDG_DATA_HOME/loraswap/registry, i.e. ~/.local/share/loraswap/registry)"
 )
 REF_HELP = "adapter or model reference: NAME (= NAME:latest), NAME:TAG or NAME@sha256:HEX"
 EPILOG = """\

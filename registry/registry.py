@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraswap import paths
 from loraswap.errors import (
     AdapterValidationError,
     ConflictError,
@@ -35,6 +34,7 @@ from loraswap.errors import (
 from loraswap.models import BaseModelRef, base_fingerprint
 from loraswap.registry import layout
 from loraswap.registry.cache import CacheCheck, cached_version, file_digest, rehash_cache
+from loraswap.registry.location import default_local_registry
 from loraswap.registry.maintenance import (
     DEFAULT_GC_GRACE_SECONDS,
     GcReport,
@@ -607,7 +607,8 @@ def _new_manifest(
 
 
 def open_registry(url: str | os.PathLike[str] | None = None, **options: object) -> Registry:
-    """Open a registry: ``url``, else ``$LORASWAP_REGISTRY``, else ``paths.default_registry_dir()``.
+    """Open a registry: ``url``, else ``$LORASWAP_REGISTRY``, else the local default
+    (``paths.default_registry_dir()``, or a registry still at the old default: :mod:`.location`).
 
     Args:
         url: ``file:///path``, a plain path, or ``s3://bucket/prefix`` (see :func:`open_store`).
@@ -617,7 +618,7 @@ def open_registry(url: str | os.PathLike[str] | None = None, **options: object) 
     Raises:
         InvalidArgumentError: ``max_bytes`` or ``$LORASWAP_MAX_ADAPTER_BYTES`` is not a positive integer.
     """
-    target = url or os.environ.get(REGISTRY_ENV) or paths.default_registry_dir()
+    target = url or os.environ.get(REGISTRY_ENV) or default_local_registry()
     if "max_bytes" not in options and os.environ.get(MAX_BYTES_ENV):
         options["max_bytes"] = _env_max_bytes(os.environ[MAX_BYTES_ENV])
     else:
