@@ -5,11 +5,27 @@ BIN := $(VENV)/bin
 # Every pip call takes its versions from constraints.txt (pyproject.toml carries ranges).
 PIP := $(BIN)/pip install --quiet -c constraints.txt
 
-.PHONY: setup demo test lint bench gpu-wheels
+# The Python versions pyproject.toml allows (requires-python >=3.11,<3.13).
+PYTHON_VERSIONS := 3.11 3.12
+# Refuses a $(PYTHON) of another version (or none) with one clear message, before anything is made.
+define CHECK_PYTHON
+@found=$$($(PYTHON) -c 'import platform; print(platform.python_version())' 2>/dev/null) || found=; \
+for wanted in $(PYTHON_VERSIONS); do case "$$found" in "$$wanted".*) exit 0;; esac; done; \
+echo "loraswap needs Python 3.11 or 3.12 (requires-python in pyproject.toml), but PYTHON=$(PYTHON) is" \
+	"$${found:+Python }$${found:-not a Python that runs here}." >&2; \
+echo "Choose another interpreter: make setup PYTHON=python3.12 (or PYTHON=python3.11, or a full path)." >&2; \
+exit 1
+endef
+
+.PHONY: setup check-python demo test lint bench gpu-wheels
 
 setup: $(VENV)/.installed
 
+check-python:
+	$(CHECK_PYTHON)
+
 $(VENV)/.installed: pyproject.toml constraints.txt
+	$(CHECK_PYTHON)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	# The CPU wheel of torch (on local disk); GPU users install a CUDA build of the same version first (see README).
