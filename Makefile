@@ -28,7 +28,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(CHECK_PYTHON)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
-	# The CPU wheel of torch (on local disk); GPU users install a CUDA build of the same version first (see README).
+	# torch 2.13.0: kept when .venv has it already (a CPU or CUDA build installed first from PyTorch's index,
+	# see README), else from wherever pip looks (a local wheel folder here; on Linux PyPI's is the CUDA build).
 	$(PIP) torch
 	# Every extra. setuptools adds an "Editable installation" note to every editable install made through
 	# its import finder, the only kind this layout (folders mapped onto loraswap.*) allows; it is filtered
