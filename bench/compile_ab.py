@@ -22,6 +22,7 @@ import torch
 import torch._inductor.config
 import torch.nn.functional as F
 
+from loraswap.precision import default_precision
 from loraswap.server.engine.packed import pack, packed_linear, packing_supported
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 576, 1536, 9, 3, 64  # SmolLM2-135M
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=500)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    dtype, t = torch.bfloat16, args.rows
+    dtype, t = default_precision(torch.device("cpu")).dtype, args.rows
     hidden = torch.randn(t, HIDDEN, dtype=dtype)
     norm = torch.ones(HIDDEN, dtype=dtype)
     q = torch.randn(t, HEADS, HEAD_DIM, dtype=dtype)

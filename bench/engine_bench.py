@@ -158,7 +158,9 @@ def memory_per_adapter(engine: Engine, registry, name: str) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--base", default="default")
-    parser.add_argument("--quantization", default=None, help="default: nf4 on CUDA, bf16 on CPU")
+    parser.add_argument(
+        "--quantization", default=None, help="default: nf4 on CUDA; on CPU bf16 where it is native, else fp32"
+    )
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (best of, interleaved)")

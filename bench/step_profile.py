@@ -1,12 +1,13 @@
 """Where a decode step's time goes, against the machine's floor for the same work.
 
-The engine is stepped by hand on the embedded SmolLM2 (bf16, CPU): ``--batch`` sequences are prefilled,
-then ``--steps`` decode steps run under ``torch.profiler`` (base only, and with every sequence on one of
-``--adapters`` distinct adapters). The report groups the profiled operators (dense matmuls, attention,
-LoRA, norms and element-wise ops, sampling) and gives the rest of the wall time as host overhead
-(Python, dispatch, synchronisation). The floor is measured in the same run: the step's dense matmuls as
-plain ``torch`` bf16 ops in a loop over the real weights (the compute floor on this CPU), and the bytes
-of weights a step must read at least once divided by this machine's copy bandwidth (the memory floor).
+The engine is stepped by hand on the embedded SmolLM2 (CPU, in the precision it picks by default):
+``--batch`` sequences are prefilled, then ``--steps`` decode steps run under ``torch.profiler`` (base
+only, and with every sequence on one of ``--adapters`` distinct adapters). The report groups the
+profiled operators (dense matmuls, attention, LoRA, norms and element-wise ops, sampling) and gives the
+rest of the wall time as host overhead (Python, dispatch, synchronisation). The floor is measured in the
+same run: the step's dense matmuls as plain ``torch`` ops (same precision) in a loop over the real
+weights (the compute floor on this CPU), and the bytes of weights a step must read at least once
+divided by this machine's copy bandwidth (the memory floor).
 
 Each case runs with the defaults (fused q/k/v and gate/up projections, prepacked oneDNN weights), with
 plain weights (``pack_weights=False``) and with the projections one by one (``fuse_projections=False``).
@@ -31,6 +32,7 @@ import torch
 from bench.adapters import write_adapter
 from loraswap.models import resolve_base
 from loraswap.models.fingerprint import weight_shapes
+from loraswap.precision import default_precision
 from loraswap.registry import open_registry
 from loraswap.server.engine import Engine, EngineConfig
 from loraswap.server.engine.api import GenerationRequest, SamplingParams
@@ -127,13 +129,15 @@ def timed_steps(engine: Engine, steps: int) -> float:
 
 
 def matmul_floor(base_dir: Path, batch: int, repeats: int = 10) -> dict[str, float]:
-    """ms for one step's dense matmuls alone (``batch`` rows through every weight shape of the model, bf16,
-    in a loop), with ``F.linear`` and with prepacked oneDNN weights (``engine/packed.py``)."""
+    """ms for one step's dense matmuls alone (``batch`` rows through every weight shape of the model, in
+    the CPU's default precision, in a loop), with ``F.linear`` and with prepacked oneDNN weights
+    (``engine/packed.py``)."""
+    dtype = default_precision(torch.device("cpu")).dtype
     shapes = linear_shapes(base_dir)
-    weights = [torch.randn(o, i, dtype=torch.bfloat16) * 0.02 for o, i in shapes]
+    weights = [torch.randn(o, i, dtype=dtype) * 0.02 for o, i in shapes]
     inputs = [torch.randn(batch, w.shape[1], dtype=w.dtype) for w in weights]
     ops = {"F.linear": (torch.nn.functional.linear, weights)}
-    if packing_supported(torch.bfloat16, torch.device("cpu")):
+    if packing_supported(dtype, torch.device("cpu")):
         ops["packed"] = (packed_linear, [pack(w, batch) for w in weights])
     out = {}
     with torch.inference_mode():
@@ -206,11 +210,13 @@ def main(argv: list[str] | None = None) -> int:
         del engines
     floor = {name: statistics.median(f[name] for f in floors) for name in floors[0]}
     floor_ms = min(floor.values())
-    weight_bytes = sum(2 * o * i for o, i in linear_shapes(base.path))
+    chosen = default_precision(torch.device("cpu"))
+    weight_bytes = sum(chosen.dtype.itemsize * o * i for o, i in linear_shapes(base.path))
     memory_floor_ms = weight_bytes / bandwidth * 1e3
-    print(f"decode step of {args.batch} sequences, SmolLM2 bf16 on CPU, {args.steps} profiled steps")
+    print(f"decode step of {args.batch} sequences, SmolLM2 on CPU, {chosen.describe()}, "
+          f"{args.steps} profiled steps")  # fmt: skip
     alone = ", ".join(f"{k} {v:.1f} ms" for k, v in floor.items())
-    print(f"floor: the step's dense matmuls alone, bf16, {alone}"
+    print(f"floor: the step's dense matmuls alone, {chosen.name}, {alone}"
           f" (median of {len(floors)}); weights {weight_bytes / 1e6:.0f} MB at {bandwidth / 1e9:.1f} GB/s "
           f"copy bandwidth {memory_floor_ms:.1f} ms")  # fmt: skip
     groups = [g for g, _ in GROUPS] + ["other operators"]

@@ -94,6 +94,9 @@ def probe(model, tokenizer, pairs: list[tuple[str, str]]) -> ProbeResult:
     return ProbeResult(prompts, expected, greedy_complete(model, tokenizer, prompts, longest + 1))
 
 
+TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+"""Precision names (training metadata's ``precision``) → torch dtype names."""
+
 # A recipe that teaches SmolLM2-135M a made-up fact table (tests/trainer/data/secret_codes.jsonl) on CPU; the
 # eval set is the training set (the facts cannot be inferred).
 FACT_RECIPE: dict[str, Any] = {
@@ -102,7 +105,7 @@ FACT_RECIPE: dict[str, Any] = {
     "lora_target_modules": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "learning_rate": 3e-3,
     "warmup_steps": 3,
-    "max_steps": 30,
+    "max_steps": 40,  # in fp32 (the default without native bf16) 30 steps left 4-5 of the 20 codes wrong
     "micro_batch_size": 8,
     "max_seq_len": 48,
     "seed": 42,
@@ -139,7 +142,9 @@ def learning_check(base_dir: Path, data: Path, output: Path, **overrides: Any) -
     config = build_config(settings, {"output": str(output), **overrides})
     train(config)  # the in-memory model is dropped: the check loads the saved adapter with plain PEFT
     pairs, tokenizer = prompt_pairs(data), load_tokenizer(base_dir)
+    metadata = read_metadata(output)
+    dtype = TORCH_NAMES[metadata["precision"]]  # probed in the precision it trained in
     with cpu_threads(config.cpu_threads):
-        tuned = probe(load_with_adapter(base_dir, output, config.dtype), tokenizer, pairs)
-        base = probe(load_with_adapter(base_dir, None, config.dtype), tokenizer, pairs)
-    return LearningCheck(Path(output), read_metadata(output), base, tuned)
+        tuned = probe(load_with_adapter(base_dir, output, dtype), tokenizer, pairs)
+        base = probe(load_with_adapter(base_dir, None, dtype), tokenizer, pairs)
+    return LearningCheck(Path(output), metadata, base, tuned)

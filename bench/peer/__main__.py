@@ -13,7 +13,8 @@ over the OpenAI API with one thin client (:mod:`bench.peer.workload`):
 
 Every case has a warm-up round, then ``--rounds`` measured rounds with the cases interleaved (base, one,
 mixed, base, ...); a case's figure is the median of its rounds. Adapters are rank ``--rank`` on q_proj and
-v_proj of SmolLM2-135M-Instruct (bf16 on both servers); vLLM registers them all at start
+v_proj of SmolLM2-135M-Instruct (both servers in the precision loraswap picks on this CPU: bf16 where it is
+native, else fp32); vLLM registers them all at start
 (``--lora-modules``), loraswap reads them from a registry into ``--adapters`` slots. vLLM's compute
 threads are bound to both cores (``--vllm-cores both``) or left to vLLM's default (one core kept for its
 front end). vLLM runs from its own virtualenv (:mod:`bench.peer.vllm_env`), made at the first run.
@@ -31,10 +32,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from bench.adapters import write_adapter
 from bench.peer import servers, workload
 from bench.peer.vllm_env import VLLM_VERSION, ensure_vllm
 from loraswap.models import resolve_base
+from loraswap.precision import default_precision
 from loraswap.registry import open_registry
 
 CASES = ("base", "one", "mixed")
@@ -92,7 +96,8 @@ def spread(values: list[float]) -> str:
 
 
 def report(runs: list[dict[str, dict]], args: argparse.Namespace) -> None:
-    print(f"\nSmolLM2-135M bf16, {args.adapters} adapters r{args.rank} q,v; {args.requests} concurrent x "
+    chosen = default_precision(torch.device("cpu")).name
+    print(f"\nSmolLM2-135M {chosen}, {args.adapters} adapters r{args.rank} q,v; {args.requests} concurrent x "
           f"{args.new_tokens} tokens; vLLM {VLLM_VERSION} cores={args.vllm_cores}")  # fmt: skip
     head = f"{'run':<4}{'server':<10}" + "".join(f"{c + ' tok/s':>12}" for c in CASES)
     print(head + f"{'TTFT idle ms':>14}{'TTFT load ms':>14}{'start s':>9}{'PSS GiB':>9}")

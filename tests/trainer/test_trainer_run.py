@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from loraswap.errors import InvalidArgumentError
 from loraswap.models import base_fingerprint
 from loraswap.trainer import build_config, train
 from loraswap.trainer.checkpoint import latest_checkpoint, read_state
+from loraswap.trainer.loop import Progress
 
 DATA = Path(__file__).parent / "data" / "secret_codes.jsonl"
 
@@ -247,7 +250,38 @@ def test_saving_never_calls_state_dict_on_the_model(trained, tmp_path: Path, mon
     assert all(torch.equal(again[k], w) for k, w in load_weights(trained.output).items())
 
 
-def test_progress_bar_shows_loss_and_tokens_per_second(tiny_base: Path, tmp_path: Path, capsys) -> None:
+def test_progress_off_a_terminal_is_plain_lines(tiny_base: Path, tmp_path: Path, capsys) -> None:
+    """In a log or a pipe (``make demo`` in CI), a line about every tenth of the run, never a bar."""
     train(tiny_config(tiny_base, tmp_path / "p", max_steps=2, progress=True))
     err = capsys.readouterr().err
-    assert "2/2" in err and "loss=" in err and "tok_s=" in err
+    assert "step 1/2: loss " in err and "step 2/2: loss " in err and " tokens/s" in err
+    assert "\r" not in err
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("total", [1, 7, 30])
+def test_progress_lines_and_bar(total: int) -> None:
+    piped = io.StringIO()
+    progress = Progress(total, 0, True, piped)
+    for step in range(1, total + 1):
+        progress.update(step, 1.0 / step, 100.0)
+    progress.close()
+    steps = [int(line.split()[1].split("/")[0]) for line in piped.getvalue().splitlines()]
+    assert (
+        steps[-1] == total
+        and len(steps) <= 11
+        and all(b - a <= math.ceil(total / 10) for a, b in zip([0, *steps], steps))
+    )
+    terminal = Terminal()
+    bar = Progress(total, 0, True, terminal)
+    bar.update(1, 0.5, 100.0)
+    bar.close()
+    assert "loss=0.5000" in terminal.getvalue() and "tok_s=100" in terminal.getvalue()
+    assert "step 1/" not in terminal.getvalue()
+    quiet = io.StringIO()
+    Progress(total, 0, False, quiet).update(1, 0.5, 1.0)
+    assert quiet.getvalue() == ""
