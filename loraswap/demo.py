@@ -31,7 +31,7 @@ TASKS = {
 TRAIN_FLAGS = [
     "--lora-r", "16", "--lora-alpha", "32", "--lora-target-modules",
     "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--learning-rate", "3e-3",
-    "--warmup-steps", "3", "--max-steps", "30", "--micro-batch-size", "8", "--max-seq-len", "48",
+    "--warmup-steps", "3", "--max-steps", "30", "--micro-batch-size", "4", "--max-seq-len", "48",
     "--eval-fraction", "0", "--seed", "42",
 ]  # fmt: skip
 

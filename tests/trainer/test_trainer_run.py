@@ -274,7 +274,7 @@ def test_progress_lines_and_bar(total: int) -> None:
     assert (
         steps[-1] == total
         and len(steps) <= 11
-        and all(b - a <= math.ceil(total / 10) for a, b in zip([0, *steps], steps))
+        and all(b - a <= math.ceil(total / 10) for a, b in zip([0, *steps[:-1]], steps, strict=True))
     )
     terminal = Terminal()
     bar = Progress(total, 0, True, terminal)
@@ -285,3 +285,29 @@ def test_progress_lines_and_bar(total: int) -> None:
     quiet = io.StringIO()
     Progress(total, 0, False, quiet).update(1, 0.5, 1.0)
     assert quiet.getvalue() == ""
+
+
+def test_loss_skips_only_the_unsupervised_prompt_prefix(tiny_base: Path, tmp_path: Path) -> None:
+    """The summed loss from the logits of the supervised positions equals the one over every position."""
+    import torch
+    import torch.nn.functional as F
+
+    from loraswap.trainer.encoding import IGNORE_INDEX, Example
+    from loraswap.trainer.loop import collate, loss_sum
+    from loraswap.trainer.model import build_model
+
+    config = tiny_config(tiny_base, tmp_path / "x")
+    model, _ = build_model(config, tiny_base, torch.device("cpu"))
+    examples = [  # prompts of different lengths: the kept positions start at the earliest supervised one
+        Example([1, 5, 6, 7, 8, 9, 2], [IGNORE_INDEX] * 4 + [8, 9, 2], 1),
+        Example([1, 5, 6, 10, 11], [IGNORE_INDEX] * 3 + [10, 11], 2),
+        Example([1, 12, 13, 14, 15, 16, 17, 2], [IGNORE_INDEX] * 6 + [17, 2], 3),
+    ]
+    batch = collate(examples, 0, torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        full = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), reduction="sum"
+        )
+        kept = loss_sum(model, batch)
+    assert torch.allclose(kept, full, rtol=1e-5), (kept, full)  # fp32, a few dozen terms summed
