@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from loraswap.server.engine.admission import AdmissionConfig
 from loraswap.server.lora.ops import OPS
 
-QUANTIZATIONS = ("nf4", "int8", "bf16", "fp16", "fp32")
+QUANTIZATIONS = ("nf4", "int8", "fp16w", "bf16", "fp16", "fp32")
 LORA_OPS = ("auto", *OPS)
 
 
@@ -19,10 +19,14 @@ class EngineConfig:
         base: ``default`` (embedded SmolLM2-135M-Instruct) or a local HF Llama-family folder.
         registry: Registry URL (``file:///…``, ``s3://bucket/prefix``); None = ``$LORASWAP_REGISTRY`` or
             the local default.
-        quantization: ``nf4`` / ``int8`` (bitsandbytes) / ``bf16`` / ``fp16`` / ``fp32``; None picks
-            ``nf4`` on CUDA (computing in bf16 from Ampere on, fp16 before) and, on CPU, ``bf16`` where
-            the CPU runs it natively (AVX512_BF16 or AMX), else ``fp32`` (``loraswap.precision``; NF4
-            on CPU is opt-in).
+        quantization: ``nf4`` / ``int8`` (bitsandbytes) / ``fp16w`` / ``bf16`` / ``fp16`` / ``fp32``;
+            None picks ``nf4`` on CUDA (computing in bf16 from Ampere on, fp16 before) and, on CPU,
+            ``bf16`` where the CPU runs it natively (AVX512_BF16 or AMX), else ``fp32``
+            (``loraswap.precision``; NF4 on CPU is opt-in). ``fp16w`` (CPU, x86 with AVX2: fbgemm's fp16
+            matmul) holds the linear weights in fp16 and multiplies them in fp32 (``engine/weight_only.py``):
+            on a CPU without native bf16, half of ``fp32``'s bytes per linear weight and faster than
+            ``fp32`` (SmolLM2 on a 2-core AVX2 EPYC: 365 vs 621 MiB of weights, 1.2x the tokens/s;
+            ``bench/quantized_cpu.py``); exact for a bf16 checkpoint but for weights under 2**-17.
         device: ``cuda``, ``cuda:N`` or ``cpu``; None picks CUDA when available.
         adapter_slots: Adapters resident on the device at once (one forward pass mixes at most this many);
             0 serves the base alone with no LoRA layers (how a route serves a merged model).

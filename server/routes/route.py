@@ -26,11 +26,11 @@ from loraswap.models.fingerprint import weight_shapes
 from loraswap.registry.manifest import sha256_digest
 from loraswap.server.engine import Engine, EngineConfig
 from loraswap.server.engine.api import TokenEvent
-from loraswap.server.engine.base_loader import compute_dtype
+from loraswap.server.engine.base_loader import WEIGHT_ONLY_QUANTIZATIONS, compute_dtype
 from loraswap.server.engine.packed import packing_supported
 from loraswap.server.engine.request import RequestHandle
 
-BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "nf4": 0.5}
+BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp16w": 2.0, "int8": 1.0, "nf4": 0.5}
 """Bytes a linear weight takes once loaded, per quantization (bitsandbytes' block scales excluded)."""
 SAFETENSORS_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 
@@ -85,18 +85,21 @@ def estimate_memory(folder: Path, config: EngineConfig, quantization: str) -> Ro
     """The memory a route over ``folder`` will take, from the safetensors headers and config.json alone
     (nothing is loaded): linear weights at ``quantization``'s width, other tensors at the compute
     dtype's, plus the KV cache of ``config``. With ``pack_weights`` on a CPU engine, a tied ``lm_head``
-    counts twice (its packed copy beside the embedding's plain weight, ``engine/packed.py``)."""
+    counts twice (its packed copy beside the embedding's plain weight, ``engine/packed.py``); under
+    fp16w ``lm_head`` is an fp16 linear layer too, a tied one an fp16 copy beside the embedding."""
     device = pick_device(config.device)
     dtype = compute_dtype(quantization, device)
     compute = float(dtype.itemsize)
     weights = 0.0
     shapes = weight_shapes(folder)
     embedding = shapes.get("model.embed_tokens.weight")
-    packs = config.pack_weights and packing_supported(dtype, device)
-    if "lm_head.weight" not in shapes and embedding is not None and packs:
-        weights += math.prod(embedding) * compute
+    weight_only = quantization in WEIGHT_ONLY_QUANTIZATIONS  # every linear layer, lm_head included
+    packs = config.pack_weights and packing_supported(dtype, device) and not weight_only
+    if "lm_head.weight" not in shapes and embedding is not None and (packs or weight_only):
+        weights += math.prod(embedding) * (BYTES_PER_WEIGHT[quantization] if weight_only else compute)
     for name, shape in shapes.items():
-        linear = name.endswith("proj.weight") and len(shape) == 2
+        head = weight_only and name == "lm_head.weight"
+        linear = (name.endswith("proj.weight") or head) and len(shape) == 2
         weights += math.prod(shape) * (BYTES_PER_WEIGHT[quantization] if linear else compute)
     model = json.loads((folder / "config.json").read_text())
     heads = model["num_attention_heads"]

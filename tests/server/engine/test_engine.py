@@ -25,6 +25,7 @@ from loraswap.registry.registry import open_registry
 from loraswap.server.engine import Engine, EngineConfig
 from loraswap.server.engine.api import ChatMessage, GenerationRequest, SamplingParams
 from loraswap.server.engine.forward import SeqChunk
+from loraswap.server.engine.weight_only import half_weights_supported
 
 PROMPTS = ["The quick brown fox", "Paris is the capital", "def add(a, b):", "Adapters are small low"]
 # Mixed ranks, module subsets, rsLoRA and alpha: each a distinct adapter for the same tiny base.
@@ -169,12 +170,14 @@ def test_decode_attention_is_the_same_for_any_placement_of_kv_rows(
         torch.testing.assert_close(logits[i], expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("quantization", ["fp32", "bf16", "fp16", "nf4", "int8"])
+@pytest.mark.parametrize("quantization", ["fp32", "bf16", "fp16", "nf4", "int8", "fp16w"])
 def test_base_output_unchanged_after_200_adapter_loads(
     tiny_base: Path, registry_with_adapters, quantization, greedy
 ) -> None:
     if quantization in ("nf4", "int8"):
         pytest.importorskip("bitsandbytes")  # the [cuda] extra
+    if quantization == "fp16w" and not half_weights_supported():
+        pytest.skip("fbgemm's fp16 matmul does not run on this CPU or torch build")
     registry, _ = registry_with_adapters
     engine = make_engine(tiny_base, registry, quantization=quantization, adapter_slots=2)
     try:

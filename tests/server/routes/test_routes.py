@@ -234,3 +234,34 @@ def test_the_estimate_counts_the_packed_copy_of_a_tied_lm_head(tiny_base: Path, 
     assert estimate_memory(tiny_base, untied, "fp32") == estimate_memory(
         tiny_base, dataclasses.replace(untied, pack_weights=False), "fp32"
     )
+
+
+def test_the_estimate_holds_every_fp16w_linear_lm_head_included_in_two_bytes(
+    tiny_base: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from loraswap.server.engine.weight_only import half_weights_supported
+
+    if not half_weights_supported():
+        pytest.skip("fbgemm's fp16 matmul does not run on this CPU or torch build")
+    tensors = load_file(str(tiny_base / "model.safetensors"))
+    linear = sum(t.numel() for n, t in tensors.items() if n.endswith("proj.weight"))
+    head, vocab = tensors["lm_head.weight"].numel(), tensors["model.embed_tokens.weight"].numel()
+    plain = EngineConfig(base=str(tiny_base), device="cpu", pack_weights=False)
+    fp32 = estimate_memory(tiny_base, plain, "fp32")
+    fp16w = estimate_memory(tiny_base, dataclasses.replace(plain, pack_weights=True), "fp16w")
+    assert fp32.weights - fp16w.weights == 2 * (linear + head) and fp16w.kv_cache == fp32.kv_cache
+    tied = tmp_path / "tied"
+    tied.mkdir()
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(tied / "model.safetensors"))
+    config = json.loads((tiny_base / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    tied_config = dataclasses.replace(plain, base=str(tied))
+    # a tied lm_head gets an fp16 copy beside the fp32 embedding
+    assert estimate_memory(tied, tied_config, "fp16w").weights == (
+        estimate_memory(tied, tied_config, "fp32").weights - 2 * linear + 2 * vocab
+    )
