@@ -23,7 +23,7 @@ from importlib import metadata
 
 import torch
 
-from loraswap.device import pick_device, set_thread_torch_threads
+from loraswap.device import pick_device, release_freed_host_memory, set_thread_torch_threads
 from loraswap.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -116,6 +116,7 @@ class Engine:
             model, self.kv, context, self.adapters.ranks, config.lora_op, config.fuse_projections,
             config.pack_weights,
         )  # fmt: skip
+        release_freed_host_memory()  # the plain weights that packing and fusing replaced
         self.eos_ids = _eos_ids(self.tokenizer, model)
         self._incoming: deque[RequestState] = deque()
         self._waiting: list[RequestState] = []
