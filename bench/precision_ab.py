@@ -6,15 +6,17 @@ adapters. Each (round, variant) runs in a fresh process, as ``serve`` would: its
 model serially, a started engine steps on its own thread (one OpenMP team), the cases run one after
 another after a warm-up, and the process exits. Rounds alternate the variants (``default``, ``fp32``,
 ``bf16`` by default), so drift on a shared machine hits them alike; a case's figure is the median of its
-rounds. Adapters are random PEFT-format ones (``bench/adapters.py``) stored in the default precision's
-dtype, as this machine's trainer writes them.
+rounds. Adapters are random PEFT-format ones (``bench/adapters.py``; ``--rank``, ``--targets``, rank 16 on
+q/k/v/o by default) stored in the default precision's dtype, as this machine's trainer writes them.
 
-Run: ``python -m bench.precision_ab [--rounds 3] [--requests 16] [--new-tokens 32] [--variants ...]``.
+Run: ``python -m bench.precision_ab [--rounds 3] [--requests 16] [--new-tokens 32] [--variants ...]
+[--rank 16 --targets q_proj,k_proj,v_proj,o_proj]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -31,7 +33,6 @@ from loraswap.models import resolve_base
 from loraswap.precision import cpu_bf16_support, default_precision
 from loraswap.registry import open_registry
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 PROMPTS = ("Write a short note about the sea.", "List three uses of a paperclip.", "Explain LoRA.")
 VARIANTS = ("default", "fp32", "bf16")
 
@@ -69,23 +70,26 @@ def run_variant(variant: str, base: str, registry: str, adapters: int, requests:
                 GenerationRequest(adapter=a, prompt=PROMPTS[i % len(PROMPTS)], sampling=params)
                 for i, a in enumerate(refs)
             ]
-            for timed in (False, True):  # a warm-up (adapter loads, first-use allocations), then timed
-                start = time.perf_counter()
-                results = [h.result(timeout=1800) for h in [engine.submit(r) for r in reqs]]
-                if timed:
-                    out[case] = sum(r.completion_tokens for r in results) / (time.perf_counter() - start)
+            warm = [
+                dataclasses.replace(r, sampling=dataclasses.replace(params, max_new_tokens=2)) for r in reqs
+            ]
+            for h in [engine.submit(r) for r in warm]:  # a warm-up: adapter loads, first-use allocations
+                h.result(timeout=1800)
+            start = time.perf_counter()
+            results = [h.result(timeout=1800) for h in [engine.submit(r) for r in reqs]]
+            out[case] = sum(r.completion_tokens for r in results) / (time.perf_counter() - start)
     finally:
         engine.stop(drain_timeout=5)
     return out
 
 
-def prepare(work: Path, base_spec: str, adapters: int) -> Path:
-    """A registry of ``adapters`` random rank-16 q/k/v/o adapters for ``base_spec``."""
+def prepare(work: Path, base_spec: str, adapters: int, rank: int, targets: tuple[str, ...]) -> Path:
+    """A registry of ``adapters`` random adapters of ``rank`` on ``targets`` for ``base_spec``."""
     base = resolve_base(base_spec)
     registry = open_registry(work / "registry")
     dtype = default_precision(torch.device("cpu")).dtype
     for i in range(adapters):
-        folder = write_adapter(work / f"a{i}", base.path, seed=i, rank=16, targets=TARGETS, dtype=dtype)
+        folder = write_adapter(work / f"a{i}", base.path, seed=i, rank=rank, targets=targets, dtype=dtype)
         registry.push(folder, f"bot-{i}", base=base)
     return work / "registry"
 
@@ -123,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--adapters", type=int, default=16)
+    parser.add_argument("--rank", type=int, default=16, help="adapter rank (at most 16)")
+    parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="adapted projections")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
@@ -139,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
-    registry = prepare(Path(tempfile.mkdtemp(prefix="loraswap-precision-")), args.base, args.adapters)
+    work = Path(tempfile.mkdtemp(prefix="loraswap-precision-"))
+    registry = prepare(work, args.base, args.adapters, args.rank, tuple(args.targets.split(",")))
     native, why = cpu_bf16_support()
     print(f"CPU: {why}; capability {torch.backends.cpu.get_cpu_capability()}; "
           f"{default_precision(torch.device('cpu')).describe()}", flush=True)  # fmt: skip
