@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
@@ -38,7 +39,13 @@ TRAIN_FLAGS = [
 
 def loraswap(*args: str, env: dict[str, str]) -> None:
     print(f"\n$ loraswap {shlex.join(args)}", flush=True)
+    started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "loraswap.cli", *args], env=env, check=True)
+    if args[0] in SLOW_COMMANDS:
+        print(f"[{time.perf_counter() - started:.1f} s]", flush=True)
+
+
+SLOW_COMMANDS = ("model", "train")  # commands whose time the demo shows
 
 
 def http_call(url: str, model: str, prompt: str) -> None:
@@ -61,9 +68,13 @@ def main() -> int:
     loraswap("registry", "list", env=env)
     loraswap("registry", "show", "secret-codes:demo", env=env)
     flags = ["--host", "127.0.0.1", "--port", "0", "--http-port", "0", "--metrics-port", "0"]
-    flags += ["--base", "default"]
+    # Sized for the demo's two rank-16 adapters: the defaults (32 slots of rank 64, a 32 x 1024-token KV
+    # cache) zero about 4 GB at start in fp32, which is most of a start-up on a small CPU.
+    flags += ["--base", "default", "--adapter-slots", "4", "--max-rank", "16", "--max-batch-size", "8"]
     print(f"\n$ loraswap serve {shlex.join(flags)}", flush=True)
+    started = time.perf_counter()
     server = start_serve(flags, env)
+    print(f"[serving after {time.perf_counter() - started:.1f} s]", flush=True)
     target = server.target
     try:
         for name, (_, prompt) in TASKS.items():
