@@ -54,8 +54,9 @@ class TrainConfig:
         lora_target_modules: Linear layers to adapt (comma-separated on the command line).
         use_rslora: Rank-stabilised LoRA scaling (alpha/sqrt(r)).
         qlora: QLoRA: 4-bit NF4 base (double quant, bf16 compute) and paged 8-bit AdamW; needs CUDA.
-        dtype: Base weights dtype for plain LoRA: auto (as stored in the base folder), bfloat16, float16,
-            float32.
+        dtype: Base weights dtype for plain LoRA: auto (as stored in the base folder where the hardware
+            runs that dtype natively, else float32: a bf16 base trains in fp32 on a CPU without native
+            bf16), bfloat16, float16, float32.
         gradient_checkpointing: Recompute activations in the backward pass instead of keeping them (less
             memory, more compute).
         learning_rate: Peak learning rate of AdamW.
