@@ -37,15 +37,15 @@ TRAIN_FLAGS = [
 ]  # fmt: skip
 
 
+SLOW_COMMANDS = ("model", "train")  # commands whose time the demo shows
+
+
 def loraswap(*args: str, env: dict[str, str]) -> None:
     print(f"\n$ loraswap {shlex.join(args)}", flush=True)
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "loraswap.cli", *args], env=env, check=True)
     if args[0] in SLOW_COMMANDS:
         print(f"[{time.perf_counter() - started:.1f} s]", flush=True)
-
-
-SLOW_COMMANDS = ("model", "train")  # commands whose time the demo shows
 
 
 def http_call(url: str, model: str, prompt: str) -> None:

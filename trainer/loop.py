@@ -3,6 +3,7 @@ AdamW + linear schedule, periodic eval and checkpoints, progress on stderr (:cla
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -83,7 +84,13 @@ def loss_sum(model, batch: dict):
 def _takes_logits_to_keep(model) -> bool:
     """Whether the (PEFT-wrapped) model's own forward accepts ``logits_to_keep``."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return _forward_takes_logits_to_keep(type(inner))
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(model_class: type) -> bool:
+    """Read once per model class, not on every micro-batch."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, device) -> float:

@@ -39,13 +39,13 @@ def prompt_pairs(path: str | Path) -> list[tuple[str, str]]:
     return [(r["prompt"], r["completion"]) for r in data.records]
 
 
-def load_with_adapter(base_dir: Path, adapter_dir: Path | None, dtype: str = "float32") -> Any:
-    """The base model in ``dtype`` (a torch dtype name, or ``auto``: as stored), with the adapter applied by
-    ``PeftModel.from_pretrained`` if given."""
+def load_with_adapter(base_dir: Path, adapter_dir: Path | None, dtype: Any = "float32") -> Any:
+    """The base model in ``dtype`` (a torch dtype, its name, or ``auto``: as stored), with the adapter
+    applied by ``PeftModel.from_pretrained`` if given."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype)
     if adapter_dir is not None:
         from peft import PeftModel
@@ -94,9 +94,6 @@ def probe(model, tokenizer, pairs: list[tuple[str, str]]) -> ProbeResult:
     return ProbeResult(prompts, expected, greedy_complete(model, tokenizer, prompts, longest + 1))
 
 
-TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-"""Precision names (training metadata's ``precision``) → torch dtype names."""
-
 # A recipe that teaches SmolLM2-135M a made-up fact table (tests/trainer/data/secret_codes.jsonl) on CPU; the
 # eval set is the training set (the facts cannot be inferred).
 FACT_RECIPE: dict[str, Any] = {
@@ -133,6 +130,7 @@ class LearningCheck:
 
 def learning_check(base_dir: Path, data: Path, output: Path, **overrides: Any) -> LearningCheck:
     """Train ``FACT_RECIPE`` on ``data`` (a prompt_completion file) and probe base and adapter with it."""
+    from loraswap.precision import DTYPES
     from loraswap.trainer.api import train
     from loraswap.trainer.config import build_config
     from loraswap.trainer.metadata import read_metadata
@@ -143,7 +141,7 @@ def learning_check(base_dir: Path, data: Path, output: Path, **overrides: Any) -
     train(config)  # the in-memory model is dropped: the check loads the saved adapter with plain PEFT
     pairs, tokenizer = prompt_pairs(data), load_tokenizer(base_dir)
     metadata = read_metadata(output)
-    dtype = TORCH_NAMES[metadata["precision"]]  # probed in the precision it trained in
+    dtype = DTYPES[metadata["precision"]]  # probed in the precision it trained in
     with cpu_threads(config.cpu_threads):
         tuned = probe(load_with_adapter(base_dir, output, dtype), tokenizer, pairs)
         base = probe(load_with_adapter(base_dir, None, dtype), tokenizer, pairs)

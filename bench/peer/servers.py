@@ -80,9 +80,7 @@ def start_vllm(
     if cores == "both":
         env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{os.cpu_count() - 1}"
     modules = [f"{name}={folder}" for name, folder in adapters.items()]
-    dtype = {"bf16": "bfloat16", "fp32": "float32"}[
-        default_precision(torch.device("cpu")).name
-    ]  # as loraswap's
+    dtype = str(default_precision(torch.device("cpu")).dtype).removeprefix("torch.")  # as loraswap's
     args = [str(vllm), "serve", str(base_dir), "--served-model-name", "base", "--dtype", dtype]
     args += ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(seq_len)]
     args += ["--max-num-seqs", str(batch), "--enable-lora", "--max-loras", str(len(adapters))]
