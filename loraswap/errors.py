@@ -26,7 +26,17 @@ class AdapterValidationError(InvalidArgumentError):
     """An adapter folder that fails validation (on push, pull or load)."""
 
 
-class IncompatibleAdapterError(LoraswapError):
+class FailedPreconditionError(LoraswapError):
+    """The request is well formed but this server cannot run it as configured (gRPC FAILED_PRECONDITION);
+    retrying is useless until an operator changes something. The message says what."""
+
+
+class MissingDependencyError(FailedPreconditionError):
+    """A feature needs an optional package that is not installed; the message names the ``pip install``
+    to run (``pip install 'loraswap[s3]'``)."""
+
+
+class IncompatibleAdapterError(FailedPreconditionError):
     """A well-formed adapter that cannot run on the loaded base (gRPC FAILED_PRECONDITION)."""
 
     def __init__(self, what: str, problems: Iterable[str] = ()) -> None:
@@ -47,8 +57,18 @@ class OverloadedError(LoraswapError):
     """The request queue is full (gRPC RESOURCE_EXHAUSTED)."""
 
 
-class DrainingError(LoraswapError):
-    """The server is shutting down and takes no new work (gRPC UNAVAILABLE)."""
+class UnavailableError(LoraswapError):
+    """Something the request needs cannot be reached now (the registry, or this server while it starts or
+    drains); retrying later may succeed (gRPC UNAVAILABLE, HTTP 503). The message names what."""
+
+
+class RegistryUnavailableError(UnavailableError):
+    """The registry's store cannot be reached or answered with an error (network, credentials, a missing
+    bucket, a read that broke off). The message names the registry's URL."""
+
+
+class DrainingError(UnavailableError):
+    """The server is starting or shutting down and takes no new work (gRPC UNAVAILABLE)."""
 
 
 class CancelledError(LoraswapError):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import parse_qs, urlparse
 
-from loraswap.errors import InvalidArgumentError, LoraswapError
+from loraswap.errors import InvalidArgumentError, RegistryUnavailableError
 
 # One segment of a key (full match): no empty, '.' or '..' segment, no backslash, no newline, no leading
 # dot (temp files use it).
@@ -26,8 +26,9 @@ Progress = Callable[[int], None]
 """Called with the number of bytes just transferred (drives a progress bar)."""
 
 
-class StoreError(LoraswapError):
-    """The object store failed: network, permissions, a missing bucket, a read that broke off."""
+class StoreError(RegistryUnavailableError):
+    """The object store failed: network, permissions, a missing bucket, a read that broke off (gRPC
+    UNAVAILABLE: the message names the store's URL)."""
 
 
 def check_key(key: str) -> str:

@@ -6,9 +6,11 @@ error class with :func:`error_class_for`. Each code appears once, so the two dir
 with two documented exceptions:
 
 * Subclasses travel as their table ancestor: :class:`~loraswap.errors.AdapterValidationError` is sent
-  as INVALID_ARGUMENT and comes back as :class:`~loraswap.errors.InvalidArgumentError`.
-* UNAVAILABLE is sent for :class:`~loraswap.errors.DrainingError` but the client does not turn it back
-  into one: gRPC itself reports UNAVAILABLE when no server answers (connection refused, TLS mismatch),
+  as INVALID_ARGUMENT and comes back as :class:`~loraswap.errors.InvalidArgumentError`;
+  :class:`~loraswap.errors.IncompatibleAdapterError` comes back as
+  :class:`~loraswap.errors.FailedPreconditionError`.
+* UNAVAILABLE is sent for :class:`~loraswap.errors.UnavailableError` (a draining server, an unreachable
+  registry) but the client does not turn it back into one: gRPC itself reports UNAVAILABLE when no server answers (connection refused, TLS mismatch),
   so a client cannot tell a draining server from an absent one (:data:`SERVER_ONLY_CODES`).
 """
 
@@ -23,9 +25,9 @@ from loraswap.server.grpc.auth import PermissionDeniedError, UnauthenticatedErro
 STATUS_TABLE: tuple[tuple[type[errors.LoraswapError], grpc.StatusCode], ...] = (
     (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
     (errors.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.IncompatibleAdapterError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.DrainingError, grpc.StatusCode.UNAVAILABLE),
+    (errors.UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (errors.ConflictError, grpc.StatusCode.ABORTED),
     (errors.IntegrityError, grpc.StatusCode.DATA_LOSS),
     (errors.CancelledError, grpc.StatusCode.CANCELLED),

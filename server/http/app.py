@@ -40,13 +40,21 @@ STATUS: tuple[tuple[type[Exception], int, str], ...] = (
     (errors.NotFoundError, 404, "not_found_error"),
     (errors.InvalidArgumentError, 400, "invalid_request_error"),
     (errors.IncompatibleAdapterError, 422, "invalid_request_error"),
+    (errors.FailedPreconditionError, 503, "service_unavailable"),
     (errors.OverloadedError, 429, "rate_limit_error"),
     (errors.DrainingError, 503, "service_unavailable"),
+    (errors.UnavailableError, 503, "service_unavailable"),
     (errors.DeadlineExceededError, 504, "timeout"),
     (errors.LoraswapError, 500, "server_error"),
 )
 """Domain error → HTTP status and OpenAI error ``type`` (the first matching class wins)."""
-CODES = {404: "model_not_found", 429: "overloaded", 503: "draining", 401: "invalid_api_key"}
+CODES = {404: "model_not_found", 429: "overloaded", 401: "invalid_api_key"}
+CODE_BY_CLASS: tuple[tuple[type[Exception], str], ...] = (
+    (errors.DrainingError, "draining"),
+    (errors.RegistryUnavailableError, "registry_unavailable"),
+    (errors.MissingDependencyError, "missing_dependency"),
+)
+"""The OpenAI error ``code`` of errors that share a status with others (first match wins)."""
 
 
 def error_response(
@@ -59,9 +67,8 @@ def error_response(
 def _error_of(exc: Exception) -> JSONResponse:
     for cls, status, kind in STATUS:
         if isinstance(exc, cls):
-            return error_response(
-                status, kind, str(exc), "model" if status == 404 else None, CODES.get(status)
-            )
+            code = next((c for k, c in CODE_BY_CLASS if isinstance(exc, k)), CODES.get(status))
+            return error_response(status, kind, str(exc), "model" if status == 404 else None, code)
     return error_response(500, "server_error", f"internal error: {type(exc).__name__}")
 
 
