@@ -215,6 +215,16 @@ def cached_version(
     return final
 
 
+def verified_cache_folder(digest: str, kind: str = ADAPTER) -> Path | None:
+    """The cache folder of ``digest`` if it is intact by the manifest kept beside it (trusted by its stat
+    marker, as :func:`cached_version` trusts it), with no registry I/O; None when absent or damaged."""
+    manifest = recorded_manifest(digest, kind)
+    if manifest is None:
+        return None
+    folder = cache_root(kind) / manifest.hex
+    return folder if _is_real_dir(folder) and not folder_problems(folder, manifest) else None
+
+
 def _is_real_dir(path: Path) -> bool:
     try:
         return stat.S_ISDIR(path.lstat().st_mode)

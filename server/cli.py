@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from dataclasses import asdict
@@ -134,7 +135,14 @@ def _serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    return serve(settings, stop)
+    status = serve(settings, stop)
+    # serve() has drained and closed everything it owns. Worker threads still inside a registry pull or a
+    # merge would hold the interpreter's exit (it joins pool threads) past the grace period the operator
+    # set, so leave now: the supervisor's SIGKILL must never be what stops us.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(status)
 
 
 def _generate(args: argparse.Namespace) -> int:

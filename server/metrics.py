@@ -123,6 +123,11 @@ class Metrics:
         self.load_failures = Counter(
             "loraswap_adapter_load_failures", "Adapter loads that failed, by reason", ["reason"], registry=r
         )
+        self.stale_resolutions = Counter(
+            "loraswap_registry_stale_resolutions",
+            "Tag resolutions answered with the last known version because the registry could not be reached",
+            registry=r,
+        )
         self.promotions = Counter(
             "loraswap_route_promotions", "Adapter promotions to a route, by outcome", ["outcome"], registry=r
         )
@@ -225,6 +230,9 @@ class Metrics:
 
     def on_load_failure(self, reason: str) -> None:
         self.load_failures.labels(reason).inc()
+
+    def on_stale_resolution(self) -> None:
+        self.stale_resolutions.inc()
 
     def on_token(self, request_id: str, adapter: str, inter_token_s: float | None) -> None:
         if inter_token_s is not None:

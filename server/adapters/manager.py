@@ -1,7 +1,12 @@
 """The adapter cache tiers: registry → local disk → host RAM → device slot.
 
 Loads run on worker threads, so adapters needed by queued requests arrive while the current step runs;
-concurrent requests for one adapter share one load. Tags resolve to digests, trusted for a short TTL.
+concurrent requests for one adapter share one load. References resolve to digests through
+:class:`~loraswap.server.adapters.resolver.Resolver` (tags trusted for a short TTL, the last known version
+served while the registry is unreachable). A reference it answers without I/O joins its host copy on the
+caller's thread; registry look-ups run in a resolve lane and pulls and reads in a load lane, so a cold
+multi-GB pull never delays a hot adapter. Every failure on the way, expected or not, fails the futures
+of the requests waiting for that adapter: none waits forever.
 
 Who may touch what:
 
@@ -32,11 +37,17 @@ from dataclasses import dataclass
 import torch
 
 from loraswap.device import serial_torch_thread
-from loraswap.errors import AdapterValidationError, LoraswapError, NotFoundError
-from loraswap.registry.cache import CacheSession, cached_adapter_dir
+from loraswap.errors import AdapterValidationError, DrainingError, LoraswapError, NotFoundError
+from loraswap.registry.cache import (
+    CacheSession,
+    cached_adapter_dir,
+    recorded_manifest,
+    verified_cache_folder,
+)
 from loraswap.server.adapters.host_cache import HostCache
 from loraswap.server.adapters.lru import LRU
 from loraswap.server.adapters.reader import AdapterReader, BaseShape, HostAdapter
+from loraswap.server.adapters.resolver import Resolution, Resolver
 from loraswap.server.adapters.slots import SlotTable
 from loraswap.server.engine.api import AdapterStatus, EngineObserver, Tier
 from loraswap.server.lora.layer import BatchedLoraLinear, fill_slot, fill_slot_bits
@@ -51,16 +62,8 @@ class _Usage:
     last_used: float = 0.0
 
 
-@dataclass(frozen=True)
-class _Resolution:
-    at: float  # time.monotonic() of the registry's answer
-    name: str
-    digest: str
-    fingerprint: str | None
-
-
 MAX_TRACKED = 10_000  # adapters remembered (listings, hit counts); those in a memory tier or loading stay
-MAX_RESOLVED = 10_000  # reference strings whose resolution is remembered
+RESOLVE_WORKERS = 2  # threads of the resolve lane (registry look-ups of tags not resolved recently)
 
 
 class AdapterManager:
@@ -77,25 +80,31 @@ class AdapterManager:
         tag_ttl_s: float,
         workers: int,
         observer: EngineObserver,
+        stale_grace_s: float = 0.0,
     ) -> None:
         self._registry_factory = registry_factory
         self._registry = None
+        self._closed = False
         self.layers = layers
         self.slots = SlotTable(num_slots)
         self.ranks: dict[int, int] = {}  # slot -> rank (engine thread only: the forward pass reads it)
         self.host = HostCache(host_budget)
-        self.tag_ttl_s = tag_ttl_s
         self.observer = observer
+        self.resolver = Resolver(
+            lambda: self.registry, tag_ttl_s, stale_grace_s, observer.on_stale_resolution,
+            local=self._local_resolution,
+        )  # fmt: skip
         self._lock = threading.Lock()
         self._loads: dict[str, Future[HostAdapter]] = {}
-        self._resolved: LRU[str, _Resolution] = LRU(MAX_RESOLVED)
         self._usage: LRU[str, _Usage] = LRU(MAX_TRACKED)
         self.reader = AdapterReader(base, dtype)
         # On CPU, slot fills copy numpy views of the bits (host tensors are in the slot dtype already)
         self._cpu_slots = all(
             layer.a.device.type == "cpu" and layer.a.dtype == dtype for layer in layers.values()
         )
-        self._pool = ThreadPoolExecutor(
+        # Two lanes: registry look-ups (small, quick) never wait behind pulls and reads (maybe GBs)
+        self._resolve_pool = ThreadPoolExecutor(RESOLVE_WORKERS, thread_name_prefix="adapter-resolve")
+        self._load_pool = ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="adapter-load", initializer=serial_torch_thread
         )  # only the step thread runs torch ops in parallel (loraswap/device.py)
         # Held while the process uses the disk tier: after a process that ended without closing it,
@@ -106,6 +115,7 @@ class AdapterManager:
 
     @property
     def registry(self):
+        """The registry, opened on first use (and again after an attempt that failed)."""
         if self._registry is None:
             self._registry = self._registry_factory()
         return self._registry
@@ -124,48 +134,70 @@ class AdapterManager:
     @property
     def max_resolved(self) -> int:
         """Reference strings whose resolution is remembered (least recently asked for first out)."""
-        return self._resolved.capacity
+        return self.resolver.capacity
 
     @max_resolved.setter
     def max_resolved(self, value: int) -> None:
-        with self._lock:
-            self._resolved.capacity = value
+        self.resolver.capacity = value
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._closed = True
+        for pool in (self._resolve_pool, self._load_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
         self._cache_session.close()
 
     # -- resolving and loading (any thread) ------------------------------------------------------
 
     def resolve(self, ref: str) -> tuple[str, str, str | None]:
-        """``ref`` → (name, digest, base fingerprint); tags are re-resolved after ``tag_ttl_s``."""
-        with self._lock:
-            cached = self._resolved.get(ref)
-        if cached and ("@" in ref or time.monotonic() - cached.at < self.tag_ttl_s):
-            return cached.name, cached.digest, cached.fingerprint
-        manifest = self.registry.resolve(ref)
-        fingerprint = getattr(manifest, "base_fingerprint", None)
-        with self._lock:
-            resolution = _Resolution(time.monotonic(), manifest.name, manifest.digest, fingerprint)
-            self._resolved.put(ref, resolution)
-        return manifest.name, manifest.digest, fingerprint
+        """``ref`` → (name, digest, base fingerprint), as :class:`Resolver` answers (blocking on a miss)."""
+        found = self.resolver.resolve(ref)
+        return found.name, found.digest, found.fingerprint
 
     def request(self, ref: str) -> Future[HostAdapter]:
-        """A future for the host copy of ``ref``, starting (or joining) its load."""
+        """A future for the host copy of ``ref``, starting (or joining) its load; it always completes,
+        with the adapter or with the error that stopped it.
+
+        A reference resolved without I/O (a digest seen before, a fresh tag) joins its host copy here,
+        on the caller's thread: a resident adapter's future is done on return. Otherwise the resolve
+        lane asks the registry; a load that must fetch or read files runs in the load lane, so a slow
+        pull delays only the requests waiting for that adapter.
+        """
         future: Future[HostAdapter] = Future()
-        self._pool.submit(self._resolve_then_load, ref, future)
+        known = self.resolver.cached(ref)
+        if known is not None:
+            self._join(known, future)
+        else:
+            self._run(self._resolve_pool, future, self._resolve_then_join, ref, future)
         return future
 
-    def _resolve_then_load(self, ref: str, outer: Future[HostAdapter]) -> None:
+    def _run(self, pool: ThreadPoolExecutor, future: Future, fn: Callable[..., None], *args: object) -> None:
+        """Run ``fn(*args)`` on ``pool``; ``future`` fails if the pool takes no more work (closed)."""
         try:
-            name, digest, fingerprint = self.resolve(ref)
-            inner, start = self._host_future(name, digest)
-            inner.add_done_callback(lambda f: _chain(f, outer))
-            if start:  # this worker loads it (handing the load to another worker would only add latency)
-                self._load(name, digest, fingerprint, inner)
-        except LoraswapError as exc:
+            pool.submit(fn, *args)
+        except RuntimeError:
+            _fail(future, DrainingError("the server is stopping: adapters are no longer loaded"))
+
+    def _resolve_then_join(self, ref: str, outer: Future[HostAdapter]) -> None:
+        try:
+            self._join(self.resolver.resolve(ref), outer)
+        except BaseException as exc:  # every failure must reach the waiting requests, whatever it is
+            self._failed(exc, f"resolving adapter {ref}")
+            _fail(outer, exc)
+
+    def _join(self, found: Resolution, outer: Future[HostAdapter]) -> None:
+        """Chain ``outer`` to ``found``'s host copy, starting its load in the load lane if none runs."""
+        inner, start = self._host_future(found.name, found.digest)
+        inner.add_done_callback(lambda f: _chain(f, outer))
+        if start:
+            self._run(self._load_pool, inner, self._load, found.name, found.digest, found.fingerprint, inner)
+
+    def _failed(self, exc: BaseException, what: str) -> None:
+        """Count a failed resolution or load (and log it in full when it is not a domain error)."""
+        if isinstance(exc, LoraswapError):
             self.observer.on_load_failure(type(exc).__name__)
-            outer.set_exception(exc)
+        else:
+            log.error("%s failed", what, exc_info=exc)
+            self.observer.on_load_failure("internal")
 
     def _host_future(self, name: str, digest: str) -> tuple[Future[HostAdapter], bool]:
         """The future for ``digest``'s host copy: done on a host hit, shared with a load in flight, or
@@ -188,10 +220,13 @@ class AdapterManager:
         return future, start
 
     def _read(self, name: str, digest: str, fingerprint: str | None) -> HostAdapter:
-        """Pull ``name@digest`` to the disk cache and read it. A cached copy trusted by its file stats
-        that turns out invalid is hashed again (and fetched again if corrupt) before the error stands."""
+        """Read ``name@digest`` from the disk cache when a verified copy is there (no registry I/O), else
+        pull it first. A cached copy trusted by its file stats that turns out invalid is hashed again
+        (and fetched again if corrupt) before the error stands."""
         ref = f"{name}@{digest}"
-        folder = self.registry.pull(ref)
+        folder = verified_cache_folder(digest)
+        if folder is None:
+            folder = self.registry.pull(ref)
         try:
             return self.reader.read(folder, name, digest, fingerprint)
         except AdapterValidationError:
@@ -210,16 +245,23 @@ class AdapterManager:
                 self.observer.on_eviction("host", "capacity")
             self.observer.on_adapter_load("disk" if on_disk else "registry", time.perf_counter() - started)
             future.set_result(adapter)
-        except LoraswapError as exc:
-            self.observer.on_load_failure(type(exc).__name__)
-            future.set_exception(exc)
-        except Exception as exc:  # an unexpected failure must still reach the waiting requests
-            log.exception("loading adapter %s@%s failed", name, digest)
-            self.observer.on_load_failure("internal")
+        except BaseException as exc:  # every failure must reach the waiting requests, whatever it is
+            self._failed(exc, f"loading adapter {name}@{digest}")
             future.set_exception(exc)
         finally:
             with self._lock:
                 self._loads.pop(digest, None)
+
+    def _local_resolution(self, ref: str) -> Resolution | None:
+        """A digest reference whose version is in the disk cache, answered from the manifest kept there."""
+        name, _, digest = ref.partition("@")
+        try:
+            manifest = recorded_manifest(digest) if digest else None
+        except LoraswapError:  # not a well-formed digest: the registry gives the error
+            return None
+        if manifest is None:
+            return None
+        return Resolution(name, manifest.digest, manifest.base_fingerprint, time.monotonic())
 
     # -- device slots (engine thread / step lock) ------------------------------------------------
 
@@ -373,6 +415,11 @@ def _with_disk_tier(status: AdapterStatus) -> AdapterStatus:
 
 def _chain(source: Future, target: Future) -> None:
     if source.exception() is not None:
-        target.set_exception(source.exception())
-    else:
+        _fail(target, source.exception())
+    elif not target.done():
         target.set_result(source.result())
+
+
+def _fail(future: Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

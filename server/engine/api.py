@@ -170,6 +170,8 @@ class EngineObserver(Protocol):
 
     def on_load_failure(self, reason: str) -> None: ...
 
+    def on_stale_resolution(self) -> None: ...
+
     def on_token(self, request_id: str, adapter: str, inter_token_s: float | None) -> None: ...
 
 
@@ -189,6 +191,9 @@ class NullObserver:
         pass
 
     def on_load_failure(self, reason: str) -> None:
+        pass
+
+    def on_stale_resolution(self) -> None:
         pass
 
     def on_token(self, request_id: str, adapter: str, inter_token_s: float | None) -> None:

@@ -47,6 +47,14 @@ class EngineConfig:
             the slot dtype is held as a private mapping of its disk-cache file and counts its file
             size; others hold converted copies.
         tag_ttl_s: Seconds a resolved tag → digest mapping is trusted before asking the registry again.
+        tag_stale_grace_s: When the registry cannot be reached, seconds after its last answer for a tag
+            that the version it named keeps serving (asked again once per ``tag_ttl_s``; counted in
+            ``loraswap_registry_stale_resolutions_total``, the first of an outage logged), so an outage
+            does not stop adapters already served. 0: fail as soon as the tag cannot be re-resolved.
+            A digest reference whose version is in the disk cache never needs the registry.
+        max_step_failures: Consecutive failed steps (each fails the requests in its batch) after which
+            the engine gives up: every request is failed UNAVAILABLE, health turns NOT_SERVING and
+            ``loraswap serve`` exits non-zero so that its supervisor restarts it.
         load_workers: Threads that fetch and parse adapters in the background.
         lora_op: ``auto`` (pick per batch), ``grouped`` (bmm over slot-buffer views), ``bgmv`` (gather +
             bmm), ``sgmv`` (per-segment matmul) or ``reference`` (per-token loop, for tests).
@@ -89,6 +97,8 @@ class EngineConfig:
     prefill_between_layers: bool = True
     host_cache_bytes: int = 2 << 30
     tag_ttl_s: float = 5.0
+    tag_stale_grace_s: float = 3600.0
+    max_step_failures: int = 3
     load_workers: int = 2
     lora_op: str = "auto"
     fuse_projections: bool = True
@@ -115,6 +125,10 @@ class EngineConfig:
         for name in ("max_rank", "max_batch_size", "max_seq_len", "prefill_chunk"):
             if getattr(self, name) < 1:
                 out.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_step_failures < 1:
+            out.append(f"max_step_failures must be >= 1, got {self.max_step_failures}")
+        if self.tag_ttl_s < 0 or self.tag_stale_grace_s < 0:
+            out.append("tag_ttl_s and tag_stale_grace_s must be >= 0")
         if self.max_queue < 0:
             out.append(f"max_queue must be >= 0, got {self.max_queue}")
         if self.prefill_policy not in ("separate", "mixed"):

@@ -30,6 +30,7 @@ from loraswap.errors import (
     DrainingError,
     InvalidArgumentError,
     OverloadedError,
+    UnavailableError,
 )
 from loraswap.models import base_fingerprint, resolve_base
 from loraswap.server.adapters.manager import AdapterManager
@@ -59,6 +60,7 @@ from loraswap.server.lora.context import LoraContext
 from loraswap.server.lora.layer import install_lora_layers
 
 log = logging.getLogger(__name__)
+IDLE_WAKE_S = 0.05  # an idle step loop looks this often for cancelled and expired waiting requests
 
 
 def _open_registry(url: str | None):
@@ -109,6 +111,7 @@ class Engine:
             host_budget=config.host_cache_bytes,
             dtype=dtype,
             tag_ttl_s=config.tag_ttl_s,
+            stale_grace_s=config.tag_stale_grace_s,
             workers=config.load_workers,
             observer=self.observer,
         )
@@ -129,6 +132,7 @@ class Engine:
         self.scheduler = Scheduler(config.prefill_policy, config.prefill_chunk, config.prefill_between_layers)
         self.admission = AdmissionPolicy(config.admission())  # engine thread only, like the request lists
         self.draining = False
+        self.failure: str | None = None  # why the step loop stopped for good (None while it serves)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -162,6 +166,13 @@ class Engine:
     def _pending(self) -> int:
         return len(self._incoming) + len(self._waiting) + len(self._running)
 
+    def healthy(self) -> bool:
+        """False once the step loop has stopped for good (it failed, or its thread is gone while the
+        engine was not stopped): nothing will run again, health says NOT_SERVING."""
+        thread = self._thread
+        died = thread is not None and not thread.is_alive() and not self._stopping
+        return self.failure is None and not died
+
     def queue_depth(self) -> int:
         return len(self._incoming) + len(self._waiting)
 
@@ -170,6 +181,8 @@ class Engine:
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queue ``request``. Bad parameters, a full queue and draining are refused at once;
         adapter errors (unknown, invalid, incompatible) are raised from the handle."""
+        if self.failure is not None:
+            raise UnavailableError(f"the engine stopped: {self.failure}")
         if self.draining:
             raise DrainingError("the server is draining and takes no new requests")
         if request.adapter and not self.config.adapter_slots:
@@ -237,26 +250,53 @@ class Engine:
     # -- the step loop ------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        if self.config.step_threads is not None:
-            set_thread_torch_threads(self.config.step_threads)
-        self.step_threads = torch.get_num_threads()  # what the step thread runs with, for tests and info
+        try:
+            if self.config.step_threads is not None:
+                set_thread_torch_threads(self.config.step_threads)
+            self.step_threads = torch.get_num_threads()  # what the step thread runs with, for tests/info
+            self._steps()
+        except BaseException as exc:  # the loop is gone: say so, fail everything, refuse new work
+            log.exception("the engine's step loop stopped")
+            self._give_up(f"its step loop failed ({type(exc).__name__}: {exc})")
+
+    def _steps(self) -> None:
+        failures = 0
         while True:
             with self._cv:
                 while not self._stopping and not self._running and not self._ready_waiting():
-                    self._cv.wait(timeout=0.05)
+                    self._cv.wait(timeout=IDLE_WAKE_S)
                 if self._stopping:
                     return
                 self.take_incoming()
             try:
                 with self.step_lock:
                     self.step()
-            except Exception:  # a step failure must not kill the server: fail the batch, go on
-                log.exception("engine step failed")
+                failures = 0
+            except Exception as exc:  # one failed step fails its batch; the server goes on
+                failures += 1
+                log.exception("engine step failed (%d in a row)", failures)
                 with self.step_lock:
                     for state in self._running:
                         state.fail(RuntimeError("internal error while generating"))
                         self._release(state)
                     self._running.clear()
+                if failures >= self.config.max_step_failures:
+                    self._give_up(f"{failures} steps in a row failed, the last with {type(exc).__name__}")
+                    return
+
+    def _give_up(self, reason: str) -> None:
+        """Stop serving for good: every request fails UNAVAILABLE, new ones are refused, health turns
+        NOT_SERVING (:meth:`healthy`)."""
+        self.failure = reason
+        self.draining = True
+        with self._cv:
+            self.take_incoming()
+        with self.step_lock:
+            for state in [*self._waiting, *self._running]:
+                state.fail(UnavailableError(f"the engine stopped: {reason}"))
+                self._release(state)
+            self._waiting.clear()
+            self._running.clear()
 
     def take_incoming(self) -> None:
         """Move submitted requests to the waiting list (the step loop does this before every step)."""
@@ -264,7 +304,18 @@ class Engine:
         self._incoming.clear()
 
     def _ready_waiting(self) -> bool:
-        return bool(self._incoming) or any(s.adapter is None or s.adapter.done() for s in self._waiting)
+        """Whether a waiting request needs the step loop: new, admissible, or to be dropped (its load
+        failed, it was cancelled, its deadline passed), so none stays queued while the engine idles."""
+        if self._incoming:
+            return True
+        t = now()
+        return any(
+            s.adapter is None
+            or s.adapter.done()
+            or s.cancelled.is_set()
+            or (s.request.deadline is not None and t > s.request.deadline)
+            for s in self._waiting
+        )
 
     def step(self) -> None:
         """One iteration: drop dead requests, admit, run one packed forward, sample, stream."""

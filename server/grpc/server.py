@@ -40,6 +40,7 @@ RPC_METHODS = tuple(
 """Every method the interceptor sees, each a ``method`` label of the RPC metrics (reflection passes by)."""
 EXTRA_WORKERS = 4  # threads beyond max_concurrent_rpcs, so that the RPC limit, not the pool, refuses calls
 STOP_GRACE_S = 5.0  # once the engine has drained: the longest wait for the last responses to go out
+ENGINE_FAILED_EXIT = 3  # the exit status of a server whose engine stopped (its supervisor restarts it)
 
 
 def server_credentials(settings: ServeSettings) -> grpc.ServerCredentials:
@@ -96,6 +97,10 @@ class GrpcServer:
         self.metrics.attach_engine(getattr(engine, "base", engine))  # a route table: its shared engine
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
+    def set_failed(self) -> None:
+        """The engine stopped for good: health says NOT_SERVING at once (before the process exits)."""
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
     def shutdown(self, grace: float) -> None:
         """Drain: health NOT_SERVING at once, the engine refuses new work and finishes in-flight requests
         (up to ``grace`` seconds), then the server stops."""
@@ -113,6 +118,7 @@ def serve(settings: ServeSettings, stop: threading.Event) -> int:
     from loraswap.server.routes.router import Router
 
     serial_torch_thread()  # this thread loads the model; the engine's step thread is the one OpenMP team
+    status = 0
     metrics = Metrics(settings.metrics_adapters)
     server = GrpcServer(settings, metrics)
     port = server.start()
@@ -149,15 +155,20 @@ def serve(settings: ServeSettings, stop: threading.Event) -> int:
         # Wake up often: a signal delivered to another thread (gRPC, engine) only runs its Python handler
         # once the main thread executes bytecode again, which a plain stop.wait() would never do.
         while not stop.wait(timeout=0.1):
-            pass
-        _say(f"draining (grace {settings.grace_seconds:g}s)")
+            if not router.healthy():
+                server.set_failed()
+                _say(f"the engine stopped: {router.failure or 'its step thread is gone'}; exiting")
+                status = ENGINE_FAILED_EXIT
+                break
+        else:
+            _say(f"draining (grace {settings.grace_seconds:g}s)")
     finally:
         server.shutdown(settings.grace_seconds)  # HTTP requests get 503 from here; in-flight ones finish
         if http is not None:
             http.stop()
         metrics.stop_http()
     _say("stopped")
-    return 0
+    return status
 
 
 def _say(message: str) -> None:

@@ -10,7 +10,8 @@ with two documented exceptions:
   :class:`~loraswap.errors.IncompatibleAdapterError` comes back as
   :class:`~loraswap.errors.FailedPreconditionError`.
 * UNAVAILABLE is sent for :class:`~loraswap.errors.UnavailableError` (a draining server, an unreachable
-  registry) but the client does not turn it back into one: gRPC itself reports UNAVAILABLE when no server answers (connection refused, TLS mismatch),
+  registry) but the client does not turn it back into one: gRPC itself reports UNAVAILABLE when no
+  server answers (connection refused, TLS mismatch),
   so a client cannot tell a draining server from an absent one (:data:`SERVER_ONLY_CODES`).
 """
 

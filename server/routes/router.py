@@ -124,6 +124,15 @@ class Router:
     def queue_depth(self) -> int:
         return self.base.queue_depth() + sum(r.engine.queue_depth() for r in self._routes)
 
+    def healthy(self) -> bool:
+        """False once the shared engine's step loop has stopped for good (a route's engine that fails
+        fails only its route's requests; the shared base still answers the rest)."""
+        return self.base.healthy()
+
+    @property
+    def failure(self) -> str | None:
+        return self.base.failure
+
     def stop(self, drain_timeout: float = 30.0) -> None:
         """Drain the base and every route at once (each within ``drain_timeout``), then stop them."""
         routes = self._routes

@@ -73,6 +73,7 @@ def _manager(registry: Registry, num_slots: int = 3, host_budget: int = 1 << 30)
         host_budget=host_budget,
         dtype=torch.float32,
         tag_ttl_s=60.0,
+        stale_grace_s=3600.0,
         workers=2,
         observer=NullObserver(),
     )
@@ -191,7 +192,7 @@ def test_remembered_resolutions_are_bounded(tmp_path: Path) -> None:
         refs = [f"a:{tag}" for tag in tags] + [f"a@{digest}", "a"]
         for ref in refs:
             assert manager.resolve(ref)[:2] == ("a", digest)
-        assert manager._resolved.keys() == refs[-4:]  # the least recently asked for went first
+        assert manager.resolver.remembered() == refs[-4:]  # the least recently asked for went first
     finally:
         manager.close()
 
