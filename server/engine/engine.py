@@ -290,9 +290,10 @@ class Engine:
         self.failure = reason
         self.draining = True
         with self._cv:
-            self.take_incoming()
+            incoming = list(self._incoming)
+            self._incoming.clear()
         with self.step_lock:
-            for state in [*self._waiting, *self._running]:
+            for state in [*incoming, *self._waiting, *self._running]:
                 state.fail(UnavailableError(f"the engine stopped: {reason}"))
                 self._release(state)
             self._waiting.clear()
