@@ -8,8 +8,9 @@ asked again, so a moved tag reaches the server within that time.
 registry cannot be reached (:class:`~loraswap.errors.UnavailableError`: the store is down, times out
 or refuses), the last version the tag resolved to keeps serving for up to ``stale_grace_s`` seconds
 after that answer (asked again once per TTL meanwhile, not by every request). Each stale answer is
-counted (``on_stale``) and the first of an outage is logged, so an operator sees that tags are frozen. An answer that the tag is gone (NOT_FOUND) is not an outage: it is
-raised. Without a previous answer, or past the grace, the outage error is raised.
+counted (``on_stale``) and the first of an outage is logged, so an operator sees that tags are frozen.
+An answer that the tag is gone (NOT_FOUND) is not an outage: it is raised. Without a previous answer,
+or past the grace, the outage error is raised.
 
 Thread-safe: the table is guarded by one lock, never held during registry I/O.
 """
