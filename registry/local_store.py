@@ -2,20 +2,31 @@
 
 Atomicity rules:
 
-* every write goes to a temporary file under ``<root>/.tmp/`` first, then is published with
-  ``os.replace`` (put) or ``os.link`` (put-if-absent: the link fails if the key exists), so a reader
-  never sees a half-written object and a killed writer leaves only a temp file. The writer holds an
-  exclusive ``flock`` on its temp file until it is published, and :meth:`LocalStore.remove_stale_temp`
-  (``gc``) skips a locked one, so ``gc`` (even ``--grace 0``) never removes a write in progress: only the
-  leftovers of killed writers, whose locks the kernel dropped;
-* compare-and-swap and conditional delete hold an exclusive ``fcntl.flock`` on a per-key lock file under
-  ``<root>/.locks/`` while they compare and publish (works across threads and processes on one host);
+* every write goes to a temporary file under ``<root>/.tmp/`` first (its data fsynced), then is
+  published with ``os.replace`` (put) or ``os.link`` (put-if-absent: the link fails if the key exists),
+  so a reader never sees a half-written object and a killed writer leaves only a temp file. The writer
+  holds an exclusive ``flock`` on its temp file until it is published, and
+  :meth:`LocalStore.remove_stale_temp` (``gc``) skips a locked one, so ``gc`` (even ``--grace 0``) never
+  removes a write in progress: only the leftovers of killed writers, whose locks the kernel dropped;
+* durability: after an object is published or deleted, its folder is fsynced (and so is the parent of
+  every folder created for it), so after a power cut an object whose write returned is there, and the
+  order of writes survives: a push's blobs are durable before its manifest is published, its manifest
+  before its tags;
+* compare-and-swap, conditional delete, ``put``'s rename, ``touch`` and ``gc``'s
+  :meth:`~LocalStore.delete_stale` hold an exclusive ``fcntl.flock`` on the key's lock file while they
+  compare and publish (works across threads and processes on one host). The lock files are
+  :data:`LOCK_STRIPES` stripes under ``<root>/.locks/`` chosen by a hash of the key, so their number is
+  bounded whatever the number of keys ever written (two keys may share a stripe: they then wait for
+  each other, nothing more; no code path holds two locks at once). ``gc`` re-checks a blob's version and
+  age under that lock before deleting it, and ``touch`` changes both under the same lock, so a blob a
+  push touches after ``gc`` listed it is kept;
 * an object's etag is the sha256 of its content (tag files carry a per-write nonce, so no ABA).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -30,10 +41,28 @@ from loraswap.errors import ConflictError, InvalidArgumentError, NotFoundError
 from loraswap.registry.store import ObjectInfo, ObjectStore, Progress, StoreError, check_key
 
 _CHUNK = 1 << 20
+LOCK_STRIPES = 256
+"""Lock files under ``<root>/.locks/``: a key's stripe is the first byte of the sha256 of its name."""
 
 
 def _etag(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the entries of ``folder`` durable (a rename, link or unlink in it)."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):  # a file system without directory fsync
+            raise StoreError(f"cannot fsync {folder}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
+def _version(stat: os.stat_result) -> str:
+    return f"{stat.st_ino}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
 
 
 class LocalStore(ObjectStore):
@@ -94,10 +123,45 @@ class LocalStore(ObjectStore):
         out.flush()
         os.fsync(out.fileno())
 
+    def _lock_path(self, key: str) -> Path:
+        stripe = hashlib.sha256(key.encode()).digest()[0] % LOCK_STRIPES
+        return self.root / ".locks" / f"{stripe:03d}.lock"
+
+    def _make_dirs(self, folder: Path) -> None:
+        """Create ``folder`` and its missing parents, fsyncing the folder each one is created in."""
+        missing = []
+        while not folder.is_dir():
+            missing.append(folder)
+            folder = folder.parent
+        for created in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                created.mkdir()
+            _fsync_dir(created.parent)
+
+    def _publish(self, temp: Path, path: Path, *, replace: bool) -> bool:
+        """Rename (``replace``) or link ``temp`` to ``path``, then fsync its folder; return ``False`` if
+        linking found ``path`` taken."""
+        self._make_dirs(path.parent)
+        if replace:
+            os.replace(temp, path)
+        else:
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                return False
+        _fsync_dir(path.parent)
+        return True
+
+    def _unlink(self, path: Path) -> None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        _fsync_dir(path.parent)
+
     @contextlib.contextmanager
     def _locked(self, key: str) -> Iterator[None]:
-        lock_path = self.root / ".locks" / (key.replace("/", "%") + ".lock")
-        with open(lock_path, "a+b") as handle:
+        with open(self._lock_path(key), "a+b") as handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             try:
                 yield
@@ -122,21 +186,18 @@ class LocalStore(ObjectStore):
 
     def put(self, key: str, data: bytes | Path, progress: Progress | None = None) -> None:
         path = self._path(key)
-        with self._temp_file(data, progress) as temp:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temp, path)
+        with (
+            self._temp_file(data, progress) as temp,
+            self._locked(key),
+        ):  # never between gc's check and delete
+            self._publish(temp, path, replace=True)
 
     def put_if_absent(self, key: str, data: bytes | Path, progress: Progress | None = None) -> bool:
         path = self._path(key)
         if path.exists():
             return False
         with self._temp_file(data, progress) as temp:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(temp, path)
-            except FileExistsError:
-                return False
-        return True
+            return self._publish(temp, path, replace=False)
 
     def _current_etag(self, key: str) -> str | None:
         try:
@@ -151,19 +212,29 @@ class LocalStore(ObjectStore):
             if current != expected:
                 raise ConflictError(f"{key} was changed by another writer; re-read and retry")
             with self._temp_file(data, None) as temp:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(temp, path)
+                self._publish(temp, path, replace=True)
         return _etag(data)
 
     def delete(self, key: str, expected: str | None = None) -> None:
         path = self._path(key)
         if expected is None:
-            path.unlink(missing_ok=True)
+            self._unlink(path)
             return
         with self._locked(key):
             if self._current_etag(key) != expected:
                 raise ConflictError(f"{key} was changed by another writer; not deleted")
-            path.unlink(missing_ok=True)
+            self._unlink(path)
+
+    def delete_stale(self, seen: ObjectInfo, cutoff: float) -> bool:
+        """Delete ``seen.key`` if, under its lock (which ``touch`` and ``put`` take too), it still has
+        ``seen.version`` and a modification time before ``cutoff``."""
+        path = self._path(seen.key)
+        with self._locked(seen.key):
+            current = self._info(seen.key, path)
+            if current is None or current.version != seen.version or current.modified >= cutoff:
+                return False
+            self._unlink(path)
+        return True
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         folder = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
@@ -184,14 +255,15 @@ class LocalStore(ObjectStore):
             stat = path.stat()
         except FileNotFoundError:
             return None
-        return ObjectInfo(key, stat.st_size, stat.st_mtime)
+        return ObjectInfo(key, stat.st_size, stat.st_mtime, _version(stat))
 
     def stat(self, key: str) -> ObjectInfo | None:
         return self._info(key, self._path(key))
 
     def touch(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(self._path(key))
+        path = self._path(key)
+        with self._locked(key), contextlib.suppress(FileNotFoundError):
+            os.utime(path)
 
     def remove_stale_temp(self, older_than: float) -> int:
         """Delete temporary files of killed writers older than ``older_than`` (epoch seconds).

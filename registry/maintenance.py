@@ -2,6 +2,15 @@
 
 gc never removes a blob younger than the grace period: a push uploads its blobs before its manifest, so
 an in-progress push's blobs are unreferenced for a while; a push that reuses an existing blob touches it.
+
+gc's delete is conditional (:meth:`~loraswap.registry.store.ObjectStore.delete_stale`): a blob is
+deleted only if it is still the object gc listed, neither rewritten nor touched since, so a push that
+reuses a blob between gc's listing and its delete keeps it (locally the check and the delete hold the
+lock ``touch`` takes; on S3 the delete carries ``If-Match`` with the listed ETag, which ``touch``
+changes). A push checks its blobs again after writing its manifest and uploads any that went, which
+covers a gc that deleted a blob before the push touched it. What is left: with ``--grace 0`` a gc that
+lists a blob after a push touched it but before that push's manifest exists may delete it after the
+push's last check; keep the grace above the time a push takes.
 """
 
 from __future__ import annotations
@@ -91,22 +100,20 @@ def collect_garbage(store: ObjectStore, grace_seconds: float = DEFAULT_GC_GRACE_
         raise InvalidArgumentError(f"gc grace must be a finite number of seconds >= 0, got {grace_seconds!r}")
     report = GcReport()
     referenced, report.problems, complete = referenced_blobs(store)
-    now = time.time()
+    cutoff = time.time() - grace_seconds
     for info in list(store.list(BLOBS)) if complete else []:
         hex_digest = info.key.rsplit("/", 1)[-1]
         digest = "sha256:" + hex_digest
         if digest in referenced or not HEX_RE.fullmatch(hex_digest):  # not a blob: left to verify
             continue
-        current = store.stat(info.key)  # re-read: a push may have touched it since the listing
-        if current is None:
-            continue
-        if now - current.modified < grace_seconds:
+        if info.modified >= cutoff:
             report.kept_young += 1
-            continue
-        store.delete(info.key)
-        report.removed.append(digest)
-        report.freed_bytes += current.size
-    report.temp_removed = store.remove_stale_temp(now - grace_seconds)
+        elif store.delete_stale(info, cutoff):
+            report.removed.append(digest)
+            report.freed_bytes += info.size
+        elif store.stat(info.key) is not None:  # a push touched or rewrote it since the listing
+            report.kept_young += 1
+    report.temp_removed = store.remove_stale_temp(cutoff)
     return report
 
 

@@ -1,7 +1,10 @@
 """The S3-compatible backend (``s3://bucket/prefix``) on boto3.
 
 Endpoint: ``$LORASWAP_S3_ENDPOINT`` or ``$AWS_ENDPOINT_URL`` (none: AWS); credentials and region: the
-standard AWS variables / config files.
+standard AWS variables / config files. Every request has bounded connect and read timeouts and a bounded
+number of attempts (:class:`~loraswap.registry.s3_client.S3Limits`, ``$LORASWAP_S3_CONNECT_TIMEOUT``,
+``$LORASWAP_S3_READ_TIMEOUT``, ``$LORASWAP_S3_MAX_ATTEMPTS``), and opening the store raises only loraswap
+errors (:mod:`loraswap.registry.s3_client`).
 
 Compare-and-swap has two modes, chosen by a probe before the first conditional write (so a read-only
 client never writes), or forced with ``conditional=`` / ``?conditional=false`` in the URL:
@@ -22,28 +25,39 @@ Blobs are uploaded with ``upload_fileobj`` from a file opened by
 big files; the object appears only once complete). They are content-addressed, so "put if absent" on a
 file is a HEAD then an upload: two writers racing write the same bytes.
 
-``touch`` (a reused blob made young for ``gc``) copies the object onto itself with new metadata and asks
-for a fresh ``CRC32`` checksum of the copy: a plain copy of a multipart object keeps its per-part
-("composite") checksum on some stores (moto) and then serves it as a whole-object checksum, which
-botocore's default response validation rejects. A read whose checksum fails is an
-:class:`~loraswap.errors.IntegrityError`, any other failure while reading a body a :class:`StoreError`:
-never a botocore exception.
+``touch`` (a reused blob made young for ``gc``) copies the object onto itself with new metadata, and
+always changes its ETag, so that ``gc``'s conditional delete (:meth:`S3Store.delete_stale`,
+``delete_object(IfMatch=<the ETag gc listed>)``) fails once a push has touched the blob. A copy's ETag is
+the MD5 of the content for a single-part object (the same for every plain copy) and ends in ``-<parts>``
+for a multipart one, so ``touch`` alternates: an object with a multipart ETag is copied with one
+``copy_object`` (up to :attr:`S3Store.copy_threshold`, 5 GiB, S3's limit for one copy), any other with a
+multipart copy (``upload_part_copy`` of equal ranges) whose number of parts differs from the current one
+(objects over the threshold always take this path). Both ask for a fresh ``CRC32`` checksum: a plain
+copy of a multipart object keeps its per-part ("composite") checksum on some stores (moto) and then
+serves it as a whole-object checksum, which botocore's default response validation rejects (a store
+that does not take the argument gets a copy without it). A read whose checksum fails is an
+:class:`~loraswap.errors.IntegrityError`, any other failure while reading a body (a stall past the read
+timeout included) a :class:`StoreError`: never a botocore exception.
+
+``gc``'s delete in the read-back fallback mode (a store that ignores ``If-Match``) is a HEAD that
+compares the ETag and the age, then an unconditional delete: a touch that lands between the two is
+lost, and the blob with it if the push's own check after its manifest ran before that delete. Keep
+``gc``'s grace period long on such stores, or run ``gc`` while nothing is pushed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
-import os
+import math
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from loraswap.adapter_format import open_adapter_file
-from loraswap.errors import ConflictError, IntegrityError, NotFoundError
+from loraswap.errors import ConflictError, LoraswapError, NotFoundError
+from loraswap.registry.s3_client import StreamBody, make_client
 from loraswap.registry.store import ObjectInfo, ObjectStore, Progress, StoreError, check_key
 
 log = logging.getLogger(__name__)
@@ -52,6 +66,10 @@ _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _CONFLICT = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 _NONCE = "loraswap-writer"
 _PROBE_KEY = ".loraswap/probe"
+COPY_LIMIT = 5 * 1024**3
+"""S3's largest single ``copy_object`` (and largest part)."""
+MIN_PART = 5 * 1024**2
+"""S3's smallest part of a multipart upload, but the last."""
 
 
 def _code(exc: Exception) -> str:
@@ -66,8 +84,20 @@ class S3Store(ObjectStore):
         bucket: Bucket name (must exist).
         prefix: Key prefix inside the bucket (may be empty).
         conditional: ``True``/``False`` forces conditional writes / the read-back fallback; ``None`` probes.
-        client: A boto3 S3 client (default: one built from the environment).
+        client: A boto3 S3 client (default: :func:`~loraswap.registry.s3_client.make_client`, from
+            the environment, with bounded timeouts and retries).
         settle_seconds: Fallback mode: wait between writing a tag and reading it back.
+
+    Attributes:
+        copy_threshold: ``touch`` copies an object larger than this in parts (S3's 5 GiB single-copy
+            limit; lower it to exercise the multipart path).
+        copy_part_size: Part size of a multipart copy (at least :data:`MIN_PART`).
+
+    Raises:
+        MissingDependencyError: boto3 is not installed.
+        FailedPreconditionError: boto3 refuses the configuration (e.g. ``AWS_PROFILE`` names no profile).
+        NotFoundError: The bucket does not exist.
+        StoreError: The store cannot be reached, or refuses the request.
     """
 
     def __init__(
@@ -79,14 +109,13 @@ class S3Store(ObjectStore):
         client: Any = None,
         settle_seconds: float = 0.2,
     ) -> None:
-        import boto3
-
-        endpoint = os.environ.get("LORASWAP_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL") or None
-        self.client = client or boto3.client("s3", endpoint_url=endpoint)
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self.client = client or make_client(self.url)
         self.settle_seconds = settle_seconds
+        self.copy_threshold = COPY_LIMIT
+        self.copy_part_size = 256 * 1024**2
         self.page_size = 1000  # keys per LIST request
         self._call("head_bucket", Bucket=bucket)
         self._conditional = conditional
@@ -138,12 +167,12 @@ class S3Store(ObjectStore):
 
     def read(self, key: str) -> tuple[bytes, str]:
         response = self._call("get_object", Bucket=self.bucket, Key=self._full(check_key(key)))
-        with _Body(response["Body"], f"{key} in {self.url}") as body:
+        with StreamBody(response["Body"], f"{key} in {self.url}") as body:
             return body.read(), response["ETag"]
 
     def open(self, key: str) -> BinaryIO:
         response = self._call("get_object", Bucket=self.bucket, Key=self._full(check_key(key)))
-        return _Body(response["Body"], f"{key} in {self.url}")  # type: ignore[return-value]
+        return StreamBody(response["Body"], f"{key} in {self.url}")  # type: ignore[return-value]
 
     def _upload(self, key: str, data: bytes | Path, progress: Progress | None, **extra: Any) -> str | None:
         full = self._full(check_key(key))
@@ -229,7 +258,7 @@ class S3Store(ObjectStore):
             for item in page.get("Contents", []):
                 key = item["Key"][start:]
                 if not any(part.startswith(".") for part in key.split("/")):
-                    yield ObjectInfo(key, int(item["Size"]), item["LastModified"].timestamp())
+                    yield ObjectInfo(key, int(item["Size"]), item["LastModified"].timestamp(), item["ETag"])
             if not page.get("IsTruncated"):
                 return
             request["ContinuationToken"] = page["NextContinuationToken"]
@@ -238,7 +267,25 @@ class S3Store(ObjectStore):
         head = self._head(key)
         if head is None:
             return None
-        return ObjectInfo(key, int(head["ContentLength"]), head["LastModified"].timestamp())
+        return ObjectInfo(key, int(head["ContentLength"]), head["LastModified"].timestamp(), head["ETag"])
+
+    def delete_stale(self, seen: ObjectInfo, cutoff: float) -> bool:
+        """Conditional mode: one ``delete_object(IfMatch=seen.version)`` (after checking ``seen``'s age):
+        any write or touch since the listing changed the ETag, and the store refuses. Fallback mode: a
+        HEAD, then an unconditional delete (see the module docstring for the window left)."""
+        if seen.modified >= cutoff:
+            return False
+        conditional = self.conditional and bool(seen.version)
+        if not conditional:
+            current = self.stat(seen.key)
+            if current is None or current.version != seen.version or current.modified >= cutoff:
+                return False
+        condition = {"IfMatch": seen.version} if conditional else {}
+        try:
+            self._call("delete_object", Bucket=self.bucket, Key=self._full(check_key(seen.key)), **condition)
+        except (ConflictError, NotFoundError):
+            return False
+        return True
 
     def remove_stale_temp(self, older_than: float) -> int:
         """Abort multipart uploads (of killed pushes) started before ``older_than``."""
@@ -256,67 +303,85 @@ class S3Store(ObjectStore):
         return aborted
 
     def touch(self, key: str) -> None:
-        full = self._full(check_key(key))
+        """Copy the object onto itself with fresh metadata and a new ETag (see the module docstring)."""
         head = self._head(key)
         if head is None:
             return
-        source = {"Bucket": self.bucket, "Key": full}
+        full = self._full(check_key(key))
         metadata = dict(head.get("Metadata", {}))
         metadata["loraswap-touched"] = str(time.time())
+        size = int(head["ContentLength"])
+        step = _copy_step(size, _etag_parts(head["ETag"]), self.copy_threshold, self.copy_part_size)
+        try:
+            if step:
+                self._copy_in_parts(full, size, step, metadata)
+            else:
+                self._copy_whole(full, metadata)
+        except NotFoundError:  # removed meanwhile
+            return
+
+    def _copy_whole(self, full: str, metadata: dict[str, str]) -> None:
+        source = {"Bucket": self.bucket, "Key": full}
         copy = {"Bucket": self.bucket, "Key": full, "CopySource": source, "Metadata": metadata}
         try:  # a fresh whole-object checksum: see the module docstring
             self._call("copy_object", MetadataDirective="REPLACE", ChecksumAlgorithm="CRC32", **copy)
-        except NotFoundError:
-            return
         except StoreError as exc:  # a store that does not take a checksum algorithm on copies
             log.info("%s: copy with a checksum algorithm failed (%s); copying without", self.url, exc)
             self._call("copy_object", MetadataDirective="REPLACE", **copy)
 
-
-class _Body(io.RawIOBase):
-    """A GetObject body whose read errors are loraswap errors.
-
-    Args:
-        body: botocore's ``StreamingBody`` (it checks the object's checksum when the stream ends).
-        what: The object, for messages.
-    """
-
-    def __init__(self, body: Any, what: str) -> None:
-        super().__init__()
-        self._body = body
-        self._what = what
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int | None = -1) -> bytes:
-        return self._guard(self._body.read, None if size is None or size < 0 else size)
-
-    def readall(self) -> bytes:
-        return self.read()
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self.read(len(view))
-        view[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        if not self.closed:
-            with contextlib.suppress(Exception):
-                self._body.close()
-        super().close()
-
-    def _guard(self, read: Callable[..., bytes], *args: Any) -> bytes:
-        from botocore.exceptions import BotoCoreError, FlexibleChecksumError
-        from urllib3.exceptions import HTTPError
-
+    def _copy_in_parts(self, full: str, size: int, step: int, metadata: dict[str, str]) -> None:
+        """Copy ``full`` onto itself as a multipart upload of ``step``-byte ranges (aborted on error)."""
+        create = {"Bucket": self.bucket, "Key": full, "Metadata": metadata}
         try:
-            return read(*args)
-        except FlexibleChecksumError as exc:
-            raise IntegrityError(
-                f"{self._what}: the store's checksum does not match the data it sent ({exc}); "
-                "run `loraswap registry verify`"
-            ) from None
-        except (BotoCoreError, HTTPError, OSError) as exc:
-            raise StoreError(f"{self._what}: reading failed: {exc}") from None
+            upload = self._call("create_multipart_upload", ChecksumAlgorithm="CRC32", **create)
+        except StoreError as exc:  # a store that does not take a checksum algorithm
+            log.info("%s: multipart copy with a checksum algorithm failed (%s); without", self.url, exc)
+            upload = self._call("create_multipart_upload", **create)
+        ids = {"Bucket": self.bucket, "Key": full, "UploadId": upload["UploadId"]}
+        try:
+            parts = [self._copy_part(ids, number, size, step) for number in range(_part_count(size, step))]
+            self._call("complete_multipart_upload", MultipartUpload={"Parts": parts}, **ids)
+        except LoraswapError:
+            try:
+                self._call("abort_multipart_upload", **ids)
+            except LoraswapError as exc:  # left to remove_stale_temp
+                log.info("%s: aborting a multipart copy failed: %s", self.url, exc)
+            raise
+
+    def _copy_part(self, ids: dict[str, str], index: int, size: int, step: int) -> dict[str, Any]:
+        """Copy part ``index + 1`` (bytes ``index * step`` on); return its entry for the completion."""
+        source = {"Bucket": self.bucket, "Key": ids["Key"]}
+        first, last = index * step, min((index + 1) * step, size) - 1
+        copy_range = {"CopySourceRange": f"bytes={first}-{last}"} if size else {}
+        result = self._call("upload_part_copy", PartNumber=index + 1, CopySource=source, **copy_range, **ids)
+        done = result["CopyPartResult"]
+        return {
+            "PartNumber": index + 1,
+            **{k: v for k, v in done.items() if k == "ETag" or k.startswith("Checksum")},
+        }
+
+
+def _etag_parts(etag: str) -> int:
+    """The number of parts a multipart ETag (``"<hex>-<parts>"``) names; 0 for a single-part one."""
+    _, dash, count = etag.strip('"').rpartition("-")
+    return int(count) if dash and count.isdigit() else 0
+
+
+def _part_count(size: int, step: int) -> int:
+    return max(1, math.ceil(size / step))
+
+
+def _copy_step(size: int, parts_now: int, threshold: int, part_size: int) -> int:
+    """How ``touch`` copies an object of ``size`` bytes whose ETag names ``parts_now`` parts (0: a single
+    part): 0 for one ``copy_object``, else the part length of a multipart copy whose number of parts
+    differs from ``parts_now``, so that the ETag changes."""
+    if parts_now and size <= threshold:
+        return 0
+    candidates = [part_size, math.ceil(size / (parts_now + 1)), size]
+    if parts_now > 1:
+        candidates.insert(2, math.ceil(size / (parts_now - 1)))
+    for step in candidates:
+        count = _part_count(size, step) if step else 0
+        if count and count != parts_now and (count == 1 or step >= MIN_PART) and step <= COPY_LIMIT:
+            return step
+    return 0 if size <= COPY_LIMIT else part_size

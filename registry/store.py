@@ -47,11 +47,14 @@ class ObjectInfo:
         key: The object's key.
         size: Size in bytes.
         modified: Last write (or touch), seconds since the epoch.
+        version: Opaque; changes whenever the object is written or touched (S3: its ETag, which
+            ``touch`` always changes; local: inode and change times). ``""`` if unknown.
     """
 
     key: str
     size: int
     modified: float
+    version: str = ""
 
 
 class ObjectStore(ABC):
@@ -121,7 +124,18 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def touch(self, key: str) -> None:
-        """Refresh the modification time of ``key`` (a reused blob must not look old to ``gc``)."""
+        """Refresh the modification time of ``key`` and change its :attr:`ObjectInfo.version` (a reused
+        blob must not look old to ``gc``, and must fail a :meth:`delete_stale` judged before)."""
+
+    @abstractmethod
+    def delete_stale(self, seen: ObjectInfo, cutoff: float) -> bool:
+        """Delete ``seen.key`` only if it is still the object ``seen`` describes (not written or
+        touched since: same :attr:`~ObjectInfo.version`) and was last written before ``cutoff`` (epoch
+        seconds); return whether it was deleted.
+
+        This is ``gc``'s delete: a push that touches (or re-uploads) the blob after ``gc`` listed it
+        keeps it. Each backend says how atomic the check and the delete are.
+        """
 
     def remove_stale_temp(self, older_than: float) -> int:
         """Delete leftovers of killed writers older than ``older_than`` (epoch seconds); return a count.
