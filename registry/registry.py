@@ -9,7 +9,8 @@ server's adapter manager for every request) refuse a model reference, and the mo
 :class:`WrongKindError` naming the kind.
 
 See :mod:`loraswap.registry.layout` for the keys and the write order that makes a push visible only once
-complete, and :mod:`loraswap.registry.cache` for the pulling side.
+complete, :mod:`loraswap.registry.consistency` for how ``push``, ``tag`` and ``rm`` racing on one version
+never leave a tag naming a removed manifest, and :mod:`loraswap.registry.cache` for the pulling side.
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ from loraswap.errors import (
 from loraswap.models import BaseModelRef, base_fingerprint
 from loraswap.registry import layout
 from loraswap.registry.cache import CacheCheck, cached_version, file_digest, rehash_cache
+from loraswap.registry.consistency import (
+    drop_tag,
+    move_tag,
+    point_tags,
+    read_tag,
+    restore_version,
+    upload_missing_blobs,
+)
 from loraswap.registry.location import default_local_registry
 from loraswap.registry.maintenance import (
     DEFAULT_GC_GRACE_SECONDS,
@@ -175,7 +184,8 @@ class Registry:
 
         Raises:
             AdapterValidationError: Listing every problem with the folder, name and tags.
-            ConflictError: A tag kept changing under concurrent writers.
+            ConflictError: A tag kept changing under concurrent writers, or concurrent ``rm`` calls kept
+                removing the version (:mod:`~loraswap.registry.consistency`).
         """
         summary, prior = self._validate(Path(folder), name, tags, base)
         with self._bar(summary.total_bytes, f"push {name}") as progress:
@@ -227,20 +237,25 @@ class Registry:
         return self._publish(manifest, summary.folder, prior, (LATEST, *tags))
 
     def _publish(self, manifest: Manifest, folder: Path, prior: str | None, tags: Sequence[str]) -> Manifest:
-        """Write the manifest of uploaded files (put-if-absent), then move ``tags`` to it."""
-        name = manifest.name
-        key = layout.manifest_key(name, manifest.digest)
-        if self.store.put_if_absent(key, manifest.to_bytes()):
-            if prior is None:
-                self._claim_name(manifest)
-        else:
-            manifest = self._manifest(name, manifest.digest)
-        for entry in manifest.files:  # a concurrent gc may have taken a reused blob before the manifest
-            if self.store.stat(layout.blob_key(entry.digest)) is None:
-                self.store.put(layout.blob_key(entry.digest), folder / entry.path)
-        for tag in dict.fromkeys(tags):
-            self._move_tag(name, tag, manifest.digest)
+        """Write the manifest of uploaded files (put-if-absent), then move ``tags`` to it and check that
+        it is still there (:func:`~loraswap.registry.consistency.point_tags`)."""
+        created, manifest = self._store_manifest(manifest)
+        if created and prior is None:
+            self._claim_name(manifest)
+        upload_missing_blobs(self.store, manifest, folder)
+        point_tags(self.store, manifest, folder, tuple(dict.fromkeys(tags)), self.tag_retries)
         return manifest
+
+    def _store_manifest(self, manifest: Manifest) -> tuple[bool, Manifest]:
+        """Write ``manifest`` unless stored; return whether this call wrote it, and the stored version
+        (which keeps the first push's annotations)."""
+        key = layout.manifest_key(manifest.name, manifest.digest)
+        for _ in range(self.tag_retries + 1):
+            if self.store.put_if_absent(key, manifest.to_bytes()):
+                return True, manifest
+            with contextlib.suppress(NotFoundError):  # removed by a concurrent rm since: write it again
+                return False, self._manifest(manifest.name, manifest.digest)
+        raise ConflictError(f"cannot push {manifest.name}@{manifest.digest}: removed by concurrent rm calls")
 
     def _manifest_kinds(self, name: str, skip: str | None = None) -> Iterator[str]:
         """The kind of each readable version of ``name`` (but ``skip``), one manifest read each."""
@@ -302,26 +317,7 @@ class Registry:
 
     def _read_tag(self, name: str, tag: str) -> tuple[str, str] | None:
         """(digest, etag) of a tag, or ``None``."""
-        key = layout.tag_key(name, tag)
-        try:
-            data, etag = self.store.read(key)
-        except NotFoundError:
-            return None
-        return layout.tag_target(data, key), etag
-
-    def _move_tag(self, name: str, tag: str, digest: str) -> None:
-        """Point ``name:tag`` at ``digest`` by compare-and-swap, re-reading after a lost race."""
-        key = layout.tag_key(name, tag)
-        for attempt in range(self.tag_retries + 1):
-            current = self._read_tag(name, tag)
-            if current is not None and current[0] == digest:
-                return
-            try:
-                self.store.compare_and_swap(key, layout.tag_document(digest), current and current[1])
-                return
-            except ConflictError:
-                if attempt == self.tag_retries:
-                    raise
+        return read_tag(self.store, name, tag)
 
     def _tags_of(self, name: str, on_problem: ProblemSink = _log_problem) -> dict[str, list[str]]:
         """digest → tags of ``name`` (an unreadable tag is told to ``on_problem`` and skipped)."""
@@ -341,10 +337,19 @@ class Registry:
 
     def tag(self, ref: str, tag: str) -> Manifest:
         """Point ``tag`` of the referenced name (adapter or model) at the referenced version; return
-        that version."""
+        that version.
+
+        Raises:
+            NotFoundError: Unknown reference, or the version was removed (``rm``) while being tagged: the
+                tag is taken back (:mod:`~loraswap.registry.consistency`).
+        """
         check_tag(tag)
         manifest = self.resolve(ref, kind=None)
-        self._move_tag(manifest.name, tag, manifest.digest)
+        written = move_tag(self.store, manifest.name, tag, manifest.digest, self.tag_retries)
+        if self.store.stat(layout.manifest_key(manifest.name, manifest.digest)) is None:
+            if written is not None:
+                drop_tag(self.store, manifest.name, tag, manifest.digest, written)
+            raise NotFoundError(f"version {manifest.name}@{manifest.digest} was removed while being tagged")
         return manifest
 
     def untag(self, name: str, tag: str) -> None:
@@ -488,7 +493,9 @@ class Registry:
         """Delete a version (its blobs go at the next ``gc``).
 
         Raises:
-            ConflictError: The version is tagged and ``force`` is false (with force, its tags go too).
+            ConflictError: The version is tagged and ``force`` is false (with force, its tags go too),
+                or a concurrent push or ``tag`` tagged it while it was being removed: it is then kept
+                with that tag (:mod:`~loraswap.registry.consistency`).
         """
         manifest = self.resolve(ref, kind=None)
         tags = sorted(self._tags_of(manifest.name).get(manifest.digest, []))
@@ -501,6 +508,18 @@ class Registry:
             if current and current[0] == manifest.digest:
                 self.store.delete(layout.tag_key(manifest.name, tag), expected=current[1])
         self.store.delete(layout.manifest_key(manifest.name, manifest.digest))
+        again = sorted(self._tags_of(manifest.name).get(manifest.digest, []))
+        if again:  # tagged by a concurrent push or tag after the tags above went: it stays
+            missing = restore_version(self.store, manifest)
+            gone = (
+                f"; its blobs {', '.join(missing)} are gone (run `loraswap registry verify`)"
+                if missing
+                else ""
+            )
+            raise ConflictError(
+                f"{manifest.name}@{manifest.digest} was tagged {', '.join(again)} by a concurrent push or "
+                f"tag while being removed; it is kept{gone}"
+            )
         return manifest
 
     def gc(self, grace_seconds: float = DEFAULT_GC_GRACE_SECONDS) -> GcReport:
