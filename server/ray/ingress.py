@@ -180,13 +180,21 @@ class RemoteHandle:
     """A request running on a replica, with the interface the HTTP app uses of an engine's
     :class:`~loraswap.server.engine.request.RequestHandle` (``aevents``, ``events(timeout=0)``, ``cancel``).
 
-    Created inside the event loop; a task moves the replica's events into a queue.
+    It may be created on any thread (the HTTP app submits from a worker thread); the first read, on the
+    event loop, starts the task that sends the request and moves the replica's events into a queue.
     """
 
     def __init__(self, dispatcher: Dispatcher, request: GenerationRequest) -> None:
         self._queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
         self._done = False
-        self._task = asyncio.get_running_loop().create_task(self._pump(dispatcher, request))
+        self._dispatcher, self._request = dispatcher, request
+        self._task: asyncio.Task[None] | None = None
+        self._cancelled = False
+
+    def _start(self) -> None:
+        """Send the request (once, unless cancelled first); called on the event loop."""
+        if self._task is None and not self._cancelled:
+            self._task = asyncio.get_running_loop().create_task(self._pump(self._dispatcher, self._request))
 
     async def _pump(self, dispatcher: Dispatcher, request: GenerationRequest) -> None:
         """Move the replica's events into the queue; however the stream ends, the reader is told."""
@@ -211,6 +219,7 @@ class RemoteHandle:
         return item
 
     async def aevents(self) -> AsyncIterator[TokenEvent]:
+        self._start()
         while not self._done:
             yield self._take(await self._queue.get())
 
@@ -218,6 +227,7 @@ class RemoteHandle:
         """The events already here; raises ``queue.Empty`` once there are none (only ``timeout=0``)."""
         if timeout != 0:
             raise ValueError("a remote request's events are read with aevents(); events() takes timeout=0")
+        self._start()
         while not self._done:
             try:
                 item = self._queue.get_nowait()
@@ -228,11 +238,14 @@ class RemoteHandle:
     def cancel(self) -> None:
         """Stop the replica's stream; a reader still waiting on :meth:`aevents` gets the cancellation
         instead of waiting for events that will not come."""
-        if not self._task.done():
+        if self._cancelled or (self._task is not None and self._task.done()):
+            return
+        self._cancelled = True
+        if self._task is not None:
             self._task.cancel()
-            # Told here too: a pump cancelled before it ran never reaches its handler. A reader stops
-            # at the first error, so a second one from the pump is never read.
-            self._queue.put_nowait(CancelledError("the request was cancelled"))
+        # Told here too: a pump cancelled before it ran (or never started) never reaches its handler. A
+        # reader stops at the first error, so a second one from the pump is never read.
+        self._queue.put_nowait(CancelledError("the request was cancelled"))
 
 
 class RemoteEngine:
