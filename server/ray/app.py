@@ -2,7 +2,8 @@
 ``import_path: loraswap.server.ray.app:build_app`` in a ``serveConfigV2`` (deploy/ray/rayservice.yaml).
 
 Ray Serve's gRPC proxy must be started with ``grpc_servicer_functions`` = :data:`GRPC_SERVICER_FUNCTIONS`
-(``grpc_options`` in the Serve config, or :func:`grpc_options` with ``serve.start``).
+(``grpc_options`` in the Serve config, or :func:`grpc_options` with ``serve.start``): they serve the
+Inference and Admin services and forward each call's deadline to the ingress.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def build_app(args: Mapping[str, Any]) -> Any:
 
 
 def grpc_options(port: int, request_timeout_s: float | None = None) -> Any:
-    """Ray Serve's ``gRPCOptions`` that serve ``loraswap.v1.Inference`` on ``port``."""
+    """Ray Serve's ``gRPCOptions`` serving ``loraswap.v1.Inference`` and ``loraswap.v1.Admin`` on ``port``."""
     from ray.serve.config import gRPCOptions
 
     return gRPCOptions(

@@ -11,8 +11,12 @@ from loraswap.errors import InvalidArgumentError
 from loraswap.server.settings import ServeSettings, coerce, load_settings
 
 APP_NAME = "loraswap"
-GRPC_SERVICER_FUNCTIONS = ("loraswap.server.ray.grpc_proxy.add_InferenceServicer_to_server",)
-"""What Ray Serve's gRPC proxy needs to serve ``loraswap.v1.Inference`` (``grpc_options``)."""
+GRPC_SERVICER_FUNCTIONS = (
+    "loraswap.server.ray.grpc_proxy.add_InferenceServicer_to_server",
+    "loraswap.server.ray.grpc_proxy.add_AdminServicer_to_server",
+)
+"""What Ray Serve's gRPC proxy needs to serve ``loraswap.v1.Inference`` and ``loraswap.v1.Admin``, with
+deadlines forwarded to the ingress (``grpc_options``)."""
 
 
 @dataclass
@@ -79,6 +83,11 @@ class RayAppConfig:
 def read_args(args: Mapping[str, Any]) -> tuple[RayAppConfig, ServeSettings]:
     """The builder's ``args``: :class:`RayAppConfig` fields, ``config`` (a ``loraswap serve`` YAML file)
     and ``settings`` (serve and engine fields, over the YAML and the ``LORASWAP_*`` environment).
+
+    The bearer tokens are serve settings as on a single server: ``LORASWAP_INFERENCE_TOKENS`` and
+    ``LORASWAP_ADMIN_TOKENS`` (comma-separated) in the environment of the process that builds the
+    application (on KubeRay, every pod's, from a Secret), or ``config``; not ``settings``, whose values
+    are stored in plain text in the Serve config. Without tokens, every call is accepted.
 
     Raises:
         InvalidArgumentError: listing every unknown or invalid value.

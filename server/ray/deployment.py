@@ -7,6 +7,10 @@ Requests come from the ingress with the adapter already resolved to ``name@sha25
 is free; otherwise the engine places it when the request is admitted) and returns a
 :class:`ResidentAdapter`, whose release, called by Ray when its LRU drops the model, unloads the engine's
 copy. Each replica serves its own ``/metrics`` (``metrics_port``; 0 = a free one).
+
+A request comes with the time its call has left (``timeout_s``), made a deadline on this replica's clock:
+the engine drops the request when it passes. The ``admin_*`` methods are the Admin service's work on one
+replica (:class:`~loraswap.server.ray.admin.ReplicaAdmin` sends them to the replicas where they matter).
 """
 
 from __future__ import annotations
@@ -15,13 +19,21 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from loraswap.errors import InvalidArgumentError, OverloadedError
-from loraswap.server.engine.api import EngineInfo, GenerationRequest, GenerationResult, TokenEvent
+from loraswap.server.engine.api import (
+    AdapterStatus,
+    EngineInfo,
+    GenerationRequest,
+    GenerationResult,
+    Tier,
+    TokenEvent,
+)
 from loraswap.server.metrics import Metrics
 from loraswap.server.ray.config import RayAppConfig
 from loraswap.server.settings import ServeSettings
@@ -91,6 +103,7 @@ class EngineReplica:
         self.loads: Counter[str] = Counter()
         self._held: dict[str, ResidentAdapter] = {}  # digest -> the newest load Ray holds
         self._names: dict[str, str] = {}  # digest -> adapter name, from the requests that asked for it
+        self._pinned: set[str] = set()  # digests pinned by the Admin service: Ray's LRU leaves them be
         self._lock = threading.Lock()
 
     # -- the multiplexed loader ---------------------------------------------------------------------
@@ -110,11 +123,14 @@ class EngineReplica:
         return resident
 
     def unload(self, resident: ResidentAdapter) -> None:
-        """Ray dropped ``resident``: unload the engine's copy unless a newer load holds the digest."""
+        """Ray dropped ``resident``: unload the engine's copy unless a newer load holds the digest or it
+        is pinned."""
         with self._lock:
             if self._held.get(resident.digest) is not resident:
                 return
             del self._held[resident.digest]
+            if resident.digest in self._pinned:
+                return
         try:
             self.engine.unload_adapter(f"{resident.name}@{resident.digest}")
         except Exception:  # an unload never fails a request; the engine's own LRU ages the copy out
@@ -126,19 +142,26 @@ class EngineReplica:
             return
         from ray import serve
 
-        name, _, digest = request.adapter.partition("@")
+        digest = request.adapter.partition("@")[2]
         model_id = serve.get_multiplexed_model_id()
         if not digest.startswith("sha256:") or model_id != digest:
             raise InvalidArgumentError(
                 f"replica requests carry name@digest and that digest as multiplexed_model_id, got "
                 f"{request.adapter!r} with {model_id!r}"
             )
+        await self._hold(request.adapter)
+
+    async def _hold(self, ref: str) -> None:
+        """Hold ``ref`` (``name@digest``) as a multiplexed model: Ray routes its digest here from now on."""
+        name, _, digest = ref.partition("@")
         self._names[digest] = name
         await self.load_adapter(digest)
 
     # -- requests -------------------------------------------------------------------------------------
 
-    async def _events(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    async def _events(self, request: GenerationRequest, timeout_s: float | None) -> AsyncIterator[TokenEvent]:
+        if timeout_s is not None:  # the deadline on this replica's clock
+            request = replace(request, deadline=time.monotonic() + timeout_s)
         await self._warm(request)
         handle = self.engine.submit(request)
         try:
@@ -149,18 +172,52 @@ class EngineReplica:
         finally:
             handle.cancel()  # a no-op once finished; frees the row when the caller went away
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Run ``request`` to the end."""
+    async def generate(self, request: GenerationRequest, timeout_s: float | None = None) -> GenerationResult:
+        """Run ``request`` to the end (within ``timeout_s`` seconds from now, when given)."""
         result = None
-        async for event in self._events(request):
+        async for event in self._events(request, timeout_s):
             result = event.result
         assert result is not None
         return result
 
-    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """Stream ``request``'s events (the last carries the result)."""
-        async for event in self._events(request):
+    async def generate_stream(
+        self, request: GenerationRequest, timeout_s: float | None = None
+    ) -> AsyncIterator[TokenEvent]:
+        """Stream ``request``'s events (the last carries the result; ``timeout_s``: see :meth:`generate`)."""
+        async for event in self._events(request, timeout_s):
             yield event
+
+    # -- the Admin service's work on this replica (refs are name@digest) -----------------------------
+
+    async def admin_load(self, ref: str, tier: Tier) -> AdapterStatus:
+        """Warm ``ref`` into ``tier``: ``disk`` pulls it only; ``host`` and ``device`` also make it a
+        multiplexed model of this replica (sent with its digest as ``multiplexed_model_id``)."""
+        if tier != "disk":
+            await self._hold(ref)
+        return await asyncio.to_thread(self.engine.load_adapter, ref, tier)
+
+    async def admin_unload(self, ref: str) -> None:
+        """Drop ``ref`` from this engine's device and host tiers, pinned or not. Ray may still hold its
+        digest here (and route it here): the next request loads it again, and Ray's LRU unloads that."""
+        with self._lock:
+            self._pinned.discard(ref.partition("@")[2])
+        await asyncio.to_thread(self.engine.unload_adapter, ref)
+
+    async def admin_pin(self, ref: str) -> AdapterStatus:
+        """Load ``ref`` into a device slot and keep it there; a multiplexed model of this replica."""
+        await self._hold(ref)
+        status = await asyncio.to_thread(self.engine.pin, ref)
+        with self._lock:
+            self._pinned.add(status.digest)
+        return status
+
+    async def admin_unpin(self, ref: str) -> AdapterStatus:
+        with self._lock:
+            self._pinned.discard(ref.partition("@")[2])
+        return await asyncio.to_thread(self.engine.unpin, ref)
+
+    def list_adapters(self) -> list[AdapterStatus]:
+        return self.engine.list_adapters()
 
     # -- observability ------------------------------------------------------------------------------
 

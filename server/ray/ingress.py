@@ -1,11 +1,18 @@
-"""The ingress: ``loraswap.v1.Inference`` behind Ray Serve's gRPC proxy, the OpenAI API behind its HTTP proxy.
+"""The ingress: ``loraswap.v1.Inference`` and ``loraswap.v1.Admin`` behind Ray Serve's gRPC proxy, the OpenAI
+API behind its HTTP proxy.
 
 Every request's adapter reference is resolved here against the shared registry (:class:`TagResolver`: a
 tag is trusted for ``tag_ttl_s``, a digest forever), rewritten to ``name@sha256:…`` and sent to the engine
 replicas with ``multiplexed_model_id`` = the digest: all traffic for one version goes where that version
 is warm, and a moved tag moves it at once for every replica. A request whose replica dies before it
 answers is sent again (:attr:`RayAppConfig.replica_retries` times; a stream only before its first event),
-then fails UNAVAILABLE. Deadlines are not forwarded: Ray Serve's ``request_timeout_s`` bounds a request.
+then fails UNAVAILABLE.
+
+As on a single server, each gRPC call's bearer token is checked (``inference_tokens``, ``admin_tokens``)
+and its deadline goes with the request to the engine, which drops the request when it passes
+(:mod:`~loraswap.server.ray.calls`); the Admin service acts on the replicas
+(:mod:`~loraswap.server.ray.admin`).
+Errors get the single server's status codes (:mod:`loraswap.server.grpc.status`).
 """
 
 from __future__ import annotations
@@ -29,11 +36,16 @@ from loraswap.server.engine.api import (
     TokenEvent,
 )
 from loraswap.server.grpc import convert
-from loraswap.server.grpc.pb import inference_pb2
+from loraswap.server.grpc.auth import TokenAuth
+from loraswap.server.grpc.pb import admin_pb2, inference_pb2
+from loraswap.server.grpc.servicers import AdminServicer, EngineSlot
 from loraswap.server.grpc.status import INTERNAL_MESSAGE, status_for
-from loraswap.server.ray import grpc_proxy  # noqa: F401 - the proto module alias, for unpickling requests
+from loraswap.server.ray import grpc_proxy  # noqa: F401 - the proto module aliases, for unpickling requests
+from loraswap.server.ray.admin import ReplicaAdmin
+from loraswap.server.ray.calls import ADMIN_SERVICE, INFERENCE_SERVICE, admit, time_left
 from loraswap.server.ray.config import RayAppConfig
 from loraswap.server.ray.deployment import REPLICA_DEPLOYMENT
+from loraswap.server.ray.failures import domain_error, replica_died
 from loraswap.server.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -70,22 +82,13 @@ class TagResolver:
         return manifest.name, manifest.digest
 
 
-def domain_error(exc: BaseException) -> BaseException:
-    """The error a caller should see for ``exc``: a replica's own error (Ray wraps it in RayTaskError) as
-    it was raised; a replica that died as :class:`DrainingError` (UNAVAILABLE: retry); others as they are."""
-    from ray import exceptions
+def _sent(request: GenerationRequest) -> tuple[GenerationRequest, float | None]:
+    """``request`` as a replica takes it: without this process's deadline, with the seconds left before it.
 
-    if isinstance(exc, exceptions.RayTaskError) and isinstance(exc.cause, BaseException):
-        return exc.cause
-    if _replica_died(exc):
-        return DrainingError("the replica serving the request stopped; retry")
-    return exc
-
-
-def _replica_died(exc: BaseException) -> bool:
-    from ray import exceptions
-
-    return isinstance(exc, exceptions.RayActorError | exceptions.ActorUnavailableError)
+    Raises:
+        DeadlineExceededError: the deadline has passed.
+    """
+    return replace(request, deadline=None), time_left(request.deadline)
 
 
 class Dispatcher:
@@ -113,9 +116,9 @@ class Dispatcher:
         request, digest = await self.pinned(request)
         for attempt in range(self.config.replica_retries + 1):
             try:
-                return await self._handle(digest).generate.remote(request)
+                return await self._handle(digest).generate.remote(*_sent(request))
             except Exception as exc:
-                if not _replica_died(exc) or attempt == self.config.replica_retries:
+                if not replica_died(exc) or attempt == self.config.replica_retries:
                     raise domain_error(exc) from exc
                 log.warning("a replica died under a request; sending it again (%s)", type(exc).__name__)
         raise AssertionError("unreachable")
@@ -126,12 +129,12 @@ class Dispatcher:
         for attempt in range(self.config.replica_retries + 1):
             started = False
             try:
-                async for event in self._handle(digest, stream=True).generate_stream.remote(request):
+                async for event in self._handle(digest, stream=True).generate_stream.remote(*_sent(request)):
                     started = True
                     yield event
                 return
             except Exception as exc:
-                if started or not _replica_died(exc) or attempt == self.config.replica_retries:
+                if started or not replica_died(exc) or attempt == self.config.replica_retries:
                     raise domain_error(exc) from exc
                 log.warning("a replica died before streaming; sending the request again")
 
@@ -151,17 +154,23 @@ def _fail(grpc_context: Any, exc: BaseException) -> BaseException:
 
 
 class InferenceIngress:
-    """The gRPC methods of ``loraswap.v1.Inference``, called by Ray Serve's gRPC proxy by name."""
+    """The gRPC methods of ``loraswap.v1.Inference`` and ``loraswap.v1.Admin``, called by Ray Serve's gRPC
+    proxy by name (method names are unique across the two services); each checks the call's token first."""
 
     def __init__(self, replicas: Any, settings: ServeSettings, config: RayAppConfig) -> None:
         self.settings = settings
         self.dispatcher = Dispatcher(replicas, settings, config)
+        self.auth = TokenAuth(settings.inference_tokens, settings.admin_tokens)
+
+    def _request(self, name: str, pb: inference_pb2.GenerateRequest, grpc_context: Any) -> GenerationRequest:
+        call = admit(self.auth, INFERENCE_SERVICE, name, grpc_context)
+        return convert.request_from_pb(pb, self.settings, deadline=call.deadline)
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, grpc_context: Any = None
     ) -> inference_pb2.GenerateResponse:
         try:
-            result = await self.dispatcher.generate(convert.request_from_pb(request, self.settings))
+            result = await self.dispatcher.generate(self._request("Generate", request, grpc_context))
         except Exception as exc:
             raise _fail(grpc_context, exc) from None
         return convert.result_to_pb(result)
@@ -170,10 +179,48 @@ class InferenceIngress:
         self, request: inference_pb2.GenerateRequest, grpc_context: Any = None
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         try:
-            async for event in self.dispatcher.stream(convert.request_from_pb(request, self.settings)):
+            async for event in self.dispatcher.stream(self._request("GenerateStream", request, grpc_context)):
                 yield convert.event_to_pb(event)
         except Exception as exc:
             raise _fail(grpc_context, exc) from None
+
+    # -- Admin: the single server's servicer over the replicas (blocking: in a worker thread) ---------
+
+    async def _admin(self, name: str, request: Any, grpc_context: Any) -> Any:
+        try:
+            call = admit(self.auth, ADMIN_SERVICE, name, grpc_context)
+            slot = EngineSlot()
+            slot.engine = ReplicaAdmin(
+                self.dispatcher.replicas, self.dispatcher.resolver.resolve, call.deadline
+            )
+            servicer = AdminServicer(slot, self.settings)
+            return await asyncio.to_thread(getattr(servicer, name), request, call)
+        except Exception as exc:
+            raise _fail(grpc_context, exc) from None
+
+    async def LoadAdapter(self, request: admin_pb2.LoadAdapterRequest, grpc_context: Any = None) -> Any:
+        return await self._admin("LoadAdapter", request, grpc_context)
+
+    async def UnloadAdapter(self, request: admin_pb2.UnloadAdapterRequest, grpc_context: Any = None) -> Any:
+        return await self._admin("UnloadAdapter", request, grpc_context)
+
+    async def PinAdapter(self, request: admin_pb2.PinAdapterRequest, grpc_context: Any = None) -> Any:
+        return await self._admin("PinAdapter", request, grpc_context)
+
+    async def UnpinAdapter(self, request: admin_pb2.UnpinAdapterRequest, grpc_context: Any = None) -> Any:
+        return await self._admin("UnpinAdapter", request, grpc_context)
+
+    async def ListAdapters(self, request: admin_pb2.ListAdaptersRequest, grpc_context: Any = None) -> Any:
+        return await self._admin("ListAdapters", request, grpc_context)
+
+    async def ServerInfo(self, request: admin_pb2.ServerInfoRequest, grpc_context: Any = None) -> Any:
+        return await self._admin("ServerInfo", request, grpc_context)
+
+    async def PromoteAdapter(self, request: admin_pb2.PromoteAdapterRequest, grpc_context: Any = None) -> Any:
+        return await self._admin("PromoteAdapter", request, grpc_context)
+
+    async def DemoteAdapter(self, request: admin_pb2.DemoteAdapterRequest, grpc_context: Any = None) -> Any:
+        return await self._admin("DemoteAdapter", request, grpc_context)
 
 
 class RemoteHandle:

@@ -1,26 +1,22 @@
-"""loraswap on Ray Serve: a local Ray cluster on 127.0.0.1, two engine replicas sharing one S3 registry (moto
-in server mode), traffic through Ray Serve's gRPC proxy with the stock ``loraswap.v1`` stub.
+"""loraswap on Ray Serve (the cluster: tests/ray/serve_cluster.py): traffic through Ray Serve's gRPC proxy
+with the stock ``loraswap.v1`` stubs and the project's client, and through its HTTP proxy.
 
 Shows that requests for an adapter land where it is warm (one load per adapter across the cluster, read
 from each replica's own /metrics and load counts), that a moved tag moves traffic, that the OpenAI API
-answers through Ray's HTTP proxy, and that killing a replica mid-traffic loses no request the client
-retries, the other replicas taking over its adapters; the recovery time is printed.
+answers through Ray's HTTP proxy, that both proxies take the single server's bearer tokens, that the Admin
+service acts on the replicas, that a call's deadline drops its engine work, and that killing a replica
+mid-traffic loses no request the client retries, the other replicas taking over its adapters; the recovery
+time is printed.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import os
-import random
-import socket
-import sys
+import signal
 import threading
 import time
-import urllib.request
-import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,158 +27,29 @@ boto3 = pytest.importorskip("boto3", reason="the [s3] extra is not installed")
 moto_server = pytest.importorskip("moto.server", reason="moto[server] (the [dev] extra) is not installed")
 
 import grpc  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+import openai  # noqa: E402
+from serve_cluster import (  # noqa: E402
+    ADAPTERS,
+    ADMIN_TOKEN,
+    INFERENCE_TOKEN,
+    MAX_SEQ_LEN,
+    SETTLE_S,
+    Cluster,
+    bearer,
+    scrape,
+)
 
 from loraswap.devtools.tiny import make_peft_adapter  # noqa: E402
+from loraswap.errors import FailedPreconditionError, NotFoundError  # noqa: E402
 from loraswap.models import resolve_base  # noqa: E402
-from loraswap.registry import open_registry  # noqa: E402
-from loraswap.server.engine import EngineConfig  # noqa: E402
-from loraswap.server.grpc.pb import inference_pb2, inference_pb2_grpc  # noqa: E402
+from loraswap.server.grpc.auth import PermissionDeniedError, UnauthenticatedError  # noqa: E402
+from loraswap.server.grpc.pb import inference_pb2  # noqa: E402
 from loraswap.server.metrics import LORA_INFO_METRIC  # noqa: E402
-from loraswap.server.ray.app import build, grpc_options  # noqa: E402
-from loraswap.server.ray.config import APP_NAME, RayAppConfig  # noqa: E402
-from loraswap.server.ray.deployment import REPLICA_DEPLOYMENT, ReplicaReport  # noqa: E402
-from loraswap.server.settings import ServeSettings  # noqa: E402
+from loraswap.server.ray.config import APP_NAME  # noqa: E402
+from loraswap.server.ray.ingress import INGRESS_DEPLOYMENT  # noqa: E402
 
 pytestmark = pytest.mark.slow
-ADAPTERS = [f"task{i}" for i in range(4)]
-SETTLE_S = 120.0  # upper bound of polls that wait for Ray to act (replicas up, tags re-resolved)
-
-
-def _free_port() -> int:
-    """A free port below the kernel's ephemeral range. A port the kernel picked (bind to 0) is one it
-    may also hand out as the source port of any outgoing connection (Ray opens many while it starts)
-    before Ray's proxy binds it."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for port in random.Random().sample(range(20000, min(low, 32768)), 200):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port below the ephemeral range")
-
-
-def wait_for_http(url: str) -> None:
-    """Until Ray Serve's HTTP proxy answers its health route (bounded attempts, short timeouts)."""
-    last: Exception | None = None
-    for _ in range(120):
-        try:
-            with urllib.request.urlopen(f"{url}/-/healthz", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError as exc:
-            last = exc
-        time.sleep(0.5)
-    raise AssertionError(f"Ray Serve's HTTP proxy never answered on {url}: {last}")
-
-
-def warm_http_app(url: str, attempts: int = 6, timeout: float = 20.0) -> int:
-    """Until the application answers through Ray's HTTP proxy (``/v1/models``, which asks a replica for
-    the engine info first); the attempts it took. The proxy's health route answers before the proxy has
-    a working route to the application: once in a long suite the first request through it was never
-    answered (120 s), so the first ones get a short timeout and are sent again, and the tests' own requests
-    meet a proxy that has answered one."""
-    last: Exception | None = None
-    for attempt in range(1, attempts + 1):
-        try:
-            with urllib.request.urlopen(f"{url}/v1/models", timeout=timeout) as response:
-                if response.status == 200:
-                    return attempt
-        except OSError as exc:
-            last = exc
-    raise AssertionError(f"the application never answered through Ray's HTTP proxy on {url}: {last}")
-
-
-class Cluster:
-    """The running application: its gRPC stub, HTTP URL, registry and the replica handle."""
-
-    def __init__(self, grpc_port: int, http_port: int, registry, folders: dict[str, Path]) -> None:
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
-        self.stub = inference_pb2_grpc.InferenceStub(self.channel)
-        self.http_url = f"http://127.0.0.1:{http_port}"
-        self.registry, self.folders = registry, folders
-        self.replicas = serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=APP_NAME)
-
-    def generate(self, adapter: str, tokens: int = 4, **fields) -> inference_pb2.GenerateResponse:
-        request = inference_pb2.GenerateRequest(adapter=adapter, prompt="hello there", max_new_tokens=tokens)
-        return self.stub.Generate(request, timeout=SETTLE_S, **fields)
-
-    def reports(self, count: int) -> dict[str, ReplicaReport]:
-        """One report from each of ``count`` distinct running replicas (asked until all have answered)."""
-        found: dict[str, ReplicaReport] = {}
-        deadline = time.monotonic() + SETTLE_S
-        while len(found) < count:
-            assert time.monotonic() < deadline, f"only {len(found)} of {count} replicas answered"
-            report = self.replicas.describe.remote().result(timeout_s=SETTLE_S)
-            found[report.replica_id] = report
-        return found
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Iterator[Cluster]:
-    tmp = tmp_path_factory.mktemp("ray")
-    moto_port = _free_port()
-    moto = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
-    moto.start()
-    env = {
-        "LORASWAP_S3_ENDPOINT": f"http://127.0.0.1:{moto_port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "LORASWAP_HOME": str(tmp / "replica-home"),
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update({k: v for k, v in env.items() if k != "LORASWAP_HOME"})
-    try:
-        bucket = f"ray-{uuid.uuid4().hex[:12]}"
-        boto3.client("s3", endpoint_url=env["LORASWAP_S3_ENDPOINT"]).create_bucket(Bucket=bucket)
-        url = f"s3://{bucket}/reg"
-        registry = open_registry(url)
-        folders = {}
-        for seed, name in enumerate(ADAPTERS):
-            folders[name] = make_peft_adapter(tiny_base, tmp / name, r=4, seed=70 + seed)
-            registry.push(folders[name], name, base=resolve_base(tiny_base), tags=["prod"])  # pushed once
-        ray.init(
-            address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env},
-            namespace=f"loraswap-test-{uuid.uuid4().hex[:6]}",
-        )  # fmt: skip
-        try:
-            grpc_port, http_port = _free_port(), _free_port()
-            serve.start(
-                grpc_options=grpc_options(grpc_port), http_options={"host": "127.0.0.1", "port": http_port}
-            )
-            engine = EngineConfig(
-                base=str(tiny_base), quantization="fp32", registry=url, adapter_slots=len(ADAPTERS),
-                max_rank=8, max_batch_size=8, max_seq_len=96, tag_ttl_s=1.0,
-            )  # fmt: skip
-            settings = ServeSettings(
-                engine=engine, metrics_host="127.0.0.1", metrics_port=0, metrics_adapters=tuple(ADAPTERS)
-            )
-            config = RayAppConfig(min_replicas=2, max_replicas=2, replica_cpus=1.0)
-            serve.run(build(config, settings), name=APP_NAME, route_prefix="/")
-            wait_for_http(f"http://127.0.0.1:{http_port}")
-            tries = warm_http_app(f"http://127.0.0.1:{http_port}")
-            print(f"the HTTP app answered through Ray's proxy at attempt {tries}", file=sys.stderr)
-            yield Cluster(grpc_port, http_port, registry, folders)
-        finally:
-            serve.shutdown()
-            ray.shutdown()
-    finally:
-        moto.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _scrape(report: ReplicaReport) -> dict[str, list]:
-    assert report.metrics_url is not None
-    with urllib.request.urlopen(report.metrics_url, timeout=30) as response:
-        text = response.read().decode()
-    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+DEADLINE_S = 6.0  # the paused call's deadline: ample for its first token on a busy machine
 
 
 def _loads(families: dict[str, list]) -> float:
@@ -221,7 +88,7 @@ def test_requests_land_where_the_adapter_is_warm(cluster: Cluster) -> None:
     loads = Counter()
     for report in reports.values():
         loads.update(report.loads)
-        families = _scrape(report)
+        families = scrape(report)
         assert _loads(families) == sum(report.loads.values())  # every multiplexed load is one engine load
         (gauge,) = families[LORA_INFO_METRIC]
         assert gauge.labels["max_lora"] == str(len(ADAPTERS))
@@ -232,7 +99,7 @@ def test_requests_land_where_the_adapter_is_warm(cluster: Cluster) -> None:
     # to 1" is: at most 1.5 on average, and no adapter on more replicas than there are.
     assert sum(loads.values()) <= 1.5 * len(ADAPTERS) and max(loads.values()) <= 2
     for report in reports.values():  # tokens for an adapter only where that replica loaded it
-        for name in _tokens_by_adapter(_scrape(report)):
+        for name in _tokens_by_adapter(scrape(report)):
             assert digests[name] in report.loads
     assert all(r.resident for r in reports.values())  # both replicas hold adapters
 
@@ -245,16 +112,150 @@ def test_a_moved_tag_moves_traffic_and_http_answers(cluster: Cluster) -> None:
     while (digest := cluster.generate("task0:prod").adapter_digest) == old:  # within the tag TTL
         assert time.monotonic() < deadline, "the moved tag was never picked up"
     assert digest == moved.digest
-    body = json.dumps({"model": "task2:prod", "prompt": "hello there", "max_tokens": 3, "temperature": 0})
-    request = urllib.request.Request(
-        f"{cluster.http_url}/v1/completions", data=body.encode(), headers={"content-type": "application/json"}
+    completion = _openai(cluster, INFERENCE_TOKEN).completions.create(
+        model="task2:prod", prompt="hello there", max_tokens=3, temperature=0
     )
-    with urllib.request.urlopen(request, timeout=SETTLE_S) as response:
-        completion = json.loads(response.read())
-    assert completion["usage"]["completion_tokens"] == 3
+    assert completion.usage.completion_tokens == 3
     with pytest.raises(grpc.RpcError) as info:
         cluster.generate("no-such-adapter")
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _openai(cluster: Cluster, key: str) -> openai.OpenAI:
+    """The real ``openai`` client through Ray's HTTP proxy."""
+    return openai.OpenAI(base_url=f"{cluster.http_url}/v1", api_key=key, max_retries=0, timeout=SETTLE_S)
+
+
+def _code(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code()
+
+
+def test_tokens_guard_both_proxies(cluster: Cluster) -> None:
+    # gRPC Inference: no token or an unknown one is UNAUTHENTICATED; an admin token may call it too
+    assert _code(lambda: cluster.generate("task1:prod", token=None)) == grpc.StatusCode.UNAUTHENTICATED
+    assert _code(lambda: cluster.generate("task1:prod", token="guess")) == grpc.StatusCode.UNAUTHENTICATED
+    request = inference_pb2.GenerateRequest(adapter="task1:prod", prompt="hello there", max_new_tokens=4)
+    stream = cluster.stub.GenerateStream(request, timeout=SETTLE_S)
+    assert _code(lambda: list(stream)) == grpc.StatusCode.UNAUTHENTICATED
+    assert cluster.generate("task1:prod", token=ADMIN_TOKEN).usage.completion_tokens == 4
+    # gRPC Admin: an inference token is PERMISSION_DENIED, no token UNAUTHENTICATED (the project's client)
+    with cluster.client(INFERENCE_TOKEN) as client, pytest.raises(PermissionDeniedError):
+        client.list_adapters()
+    with cluster.client(None) as client, pytest.raises(UnauthenticatedError):
+        client.info()
+    # HTTP: inference tokens only (401 without a known one, 403 for an admin token), as a single server
+    completion = {"model": "task1:prod", "prompt": "hello there", "max_tokens": 2}
+    with pytest.raises(openai.AuthenticationError):
+        _openai(cluster, "guess").completions.create(**completion)
+    with pytest.raises(openai.PermissionDeniedError):
+        _openai(cluster, ADMIN_TOKEN).completions.create(**completion)
+    assert _openai(cluster, INFERENCE_TOKEN).completions.create(**completion).usage.completion_tokens == 2
+
+
+def _pinned(report) -> float:
+    (sample,) = scrape(report)["loraswap_adapter_cache_pinned_adapters"]
+    return sample.value
+
+
+def test_admin_acts_on_the_replicas(cluster: Cluster, tiny_base: Path, tmp_path: Path) -> None:
+    admin = cluster.client()
+    assert admin.info().adapter_slots == len(ADAPTERS) and admin.info().max_seq_len == MAX_SEQ_LEN
+    # a version loaded ahead of traffic becomes a multiplexed model of the one replica Ray routes it to
+    folder = make_peft_adapter(tiny_base, tmp_path / "fresh", r=4, seed=90)
+    fresh = cluster.registry.push(folder, "fresh", base=resolve_base(tiny_base), tags=["prod"])
+    loaded = admin.load_adapter("fresh:prod")
+    assert loaded.digest == fresh.digest and "device" in loaded.tiers
+    holders = [r for r in cluster.reports(2).values() if fresh.digest in r.resident]
+    assert [r.loads[fresh.digest] for r in holders] == [1]
+    # ListAdapters merges the replicas' views: one entry per version, its hits summed over replicas
+    digest = cluster.registry.resolve("task2:prod").digest
+    hits = {s.digest: s.hits for s in admin.list_adapters()}.get(digest, 0)
+    for _ in range(3):
+        cluster.generate("task2:prod")
+    listed = admin.list_adapters()
+    assert len({s.digest for s in listed}) == len(listed) and fresh.digest in {s.digest for s in listed}
+    assert {s.digest: s.hits for s in listed}[digest] == hits + 3
+    # pin and unpin act on every replica (each one's own gauge)
+    assert admin.pin("task2:prod").pinned
+    reports = cluster.reports(2).values()
+    assert [_pinned(r) for r in reports] == [1, 1]
+    assert not admin.unpin("task2:prod").pinned and [_pinned(r) for r in reports] == [0, 0]
+    # unload drops it from every replica's device and host tiers; the next request loads it again
+    admin.unload_adapter("task2:prod")
+    assert not [s for s in admin.list_adapters() if s.digest == digest and {"device", "host"} & set(s.tiers)]
+    assert cluster.generate("task2:prod").adapter_digest == digest
+    # errors as a single server answers them (the client raises the status table's classes)
+    with pytest.raises(NotFoundError):
+        admin.load_adapter("no-such-adapter")
+    with pytest.raises(FailedPreconditionError, match="not served on Ray Serve"):
+        admin.promote("task2:prod")
+    with pytest.raises(FailedPreconditionError, match="not served on Ray Serve"):
+        admin.demote("task2:prod")
+    admin.close()
+
+
+def _ingress_pid() -> int:
+    """The ingress replica's process (the GCS actor table: the test cluster runs no dashboard)."""
+    from ray._private.state import actors
+
+    name = f"{APP_NAME}#{INGRESS_DEPLOYMENT}#"
+    (pid,) = [a["Pid"] for a in actors().values() if a["State"] == "ALIVE" and name in a["Name"]]
+    return pid
+
+
+def _tokens_so_far(reports) -> float:
+    """Tokens generated after the first of their request, all replicas together."""
+    samples = [s for r in reports for s in scrape(r)["loraswap_inter_token_latency_seconds"]]
+    return sum(s.value for s in samples if s.name.endswith("_count"))
+
+
+def _busy_with(reports, name: str) -> bool:
+    """Whether any replica's engine runs or queues a request for adapter ``name``."""
+    for report in reports:
+        (gauge,) = scrape(report)[LORA_INFO_METRIC]
+        labels = gauge.labels["running_lora_adapters"] + "," + gauge.labels["waiting_lora_adapters"]
+        if any(ref.startswith(f"{name}@") for ref in labels.split(",")):
+            return True
+    return False
+
+
+def test_a_passed_deadline_drops_the_engine_work(cluster: Cluster) -> None:
+    """As on a single server, the deadline goes with the request to the engine, which drops the request
+    once it passes. So that nothing else can stop the work, the engine replicas are paused (SIGSTOP) until
+    the deadline has passed, and the ingress, through which Ray's cancellation would come, until the
+    engines are idle again: a request that ran on would generate every token it asked for."""
+    tokens = MAX_SEQ_LEN - 16
+    assert cluster.generate("task3:prod").usage.completion_tokens == 4  # warm: its first token comes fast
+    reports = list(cluster.reports(2).values())
+    before = _tokens_so_far(reports)
+    request = inference_pb2.GenerateRequest(
+        adapter="task3:prod", prompt="hello there", max_new_tokens=tokens,
+        sampling=inference_pb2.SamplingParameters(ignore_eos=True),
+    )  # fmt: skip
+    stream = cluster.stub.GenerateStream(
+        request, timeout=DEADLINE_S, metadata=tuple(bearer(INFERENCE_TOKEN).items())
+    )
+    ingress, engines = _ingress_pid(), [r.pid for r in reports]
+    try:
+        next(stream)  # an engine is generating it
+        for pid in (ingress, *engines):
+            os.kill(pid, signal.SIGSTOP)
+        assert _code(lambda: list(stream)) == grpc.StatusCode.DEADLINE_EXCEEDED
+        for pid in engines:
+            os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + SETTLE_S
+        while _busy_with(reports, "task3"):
+            assert time.monotonic() < deadline, "the engine never let go of the request"
+            time.sleep(0.05)
+        generated = _tokens_so_far(reports) - before + 1
+    finally:
+        for pid in (*engines, ingress):
+            os.kill(pid, signal.SIGCONT)
+    print(f"\nthe paused request generated {generated:.0f} of the {tokens} tokens it asked for")
+    assert generated < tokens
+    assert cluster.generate("task3:prod").usage.completion_tokens == 4  # the cluster serves on
 
 
 def test_killing_a_replica_loses_no_retried_request(cluster: Cluster) -> None:
