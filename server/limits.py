@@ -1,9 +1,14 @@
-"""The server's request limits, checked the same way for every edge (gRPC, HTTP): no protobuf, no JSON."""
+"""The server's request limits, checked the same way for every edge (gRPC, HTTP): no protobuf, no JSON;
+and the one concurrency budget the edges share (:class:`InFlight`)."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from loraswap.errors import OverloadedError
 from loraswap.server.engine.api import ChatMessage, SamplingParams
 
 if TYPE_CHECKING:
@@ -44,3 +49,45 @@ def generation_problems(
         )
     problems += sampling.problems()
     return problems
+
+
+class InFlight:
+    """The one budget of generations in progress, shared by every edge of a server (gRPC and HTTP): past
+    ``limit`` a new generation is refused at once (:class:`~loraswap.errors.OverloadedError`: gRPC
+    RESOURCE_EXHAUSTED, HTTP 429) instead of queueing without bound. Thread-safe.
+
+    Args:
+        limit: Generations in progress at once, all edges together (``max_concurrent_rpcs``).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._count = 0
+        self._lock = threading.Lock()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def acquire(self) -> None:
+        """Take one unit of the budget, or raise OverloadedError when none is left."""
+        with self._lock:
+            if self._count >= self.limit:
+                raise OverloadedError(
+                    f"too many generations in progress (limit {self.limit}, gRPC and HTTP together); "
+                    "retry later"
+                )
+            self._count += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._count -= 1
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """One unit for the duration of a ``with`` block."""
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()

@@ -44,9 +44,10 @@ class ServeSettings:
         metrics_port: Port of the Prometheus HTTP endpoint (/metrics); -1 disables it, 0 picks a free one.
         metrics_adapters: Adapter names that get their own metric label; all others are counted as ``other``.
         max_message_bytes: Largest gRPC message accepted or sent, in bytes.
-        max_concurrent_rpcs: RPCs in progress at once (streams included); past it new calls get
-            RESOURCE_EXHAUSTED. The HTTP API holds its generations to the same number on its own
-            count (past it: 429).
+        max_concurrent_rpcs: Generations in progress at once, gRPC (streams included) and HTTP
+            together: one budget for both edges (``loraswap.server.limits.InFlight``); past it a new
+            generation gets RESOURCE_EXHAUSTED (HTTP 429). Admin and health calls are outside it (the
+            gRPC server admits this many plus ``ADMIN_HEADROOM`` calls in all).
         max_prompt_chars: Longest prompt accepted, in characters (chat: all message contents together).
         max_new_tokens: Largest ``max_new_tokens`` a request may ask for.
         default_max_new_tokens: ``max_new_tokens`` of a request that leaves it at 0.

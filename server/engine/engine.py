@@ -14,6 +14,7 @@ steps.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -518,8 +519,6 @@ class Engine:
         )
 
     def info(self) -> EngineInfo:
-        from loraswap import __version__
-
         return EngineInfo(
             base_model=self.base_ref.model_id,
             base_fingerprint=self.fingerprint,
@@ -532,14 +531,22 @@ class Engine:
             max_seq_len=self.config.max_seq_len,
             max_queue=self.config.max_queue,
             kv_cache_bytes=self.kv.nbytes,
-            versions={
-                "loraswap": __version__,
-                "torch": torch.__version__,
-                # package metadata, not imports: importing peft imports bitsandbytes on every start
-                "transformers": metadata.version("transformers"),
-                "peft": metadata.version("peft"),
-            },
+            versions=dict(_versions()),
         )
+
+
+@functools.cache
+def _versions() -> dict[str, str]:
+    """The versions :meth:`Engine.info` reports, read once (the HTTP edge asks for every request)."""
+    from loraswap import __version__
+
+    return {
+        "loraswap": __version__,
+        "torch": torch.__version__,
+        # package metadata, not imports: importing peft imports bitsandbytes on every start
+        "transformers": metadata.version("transformers"),
+        "peft": metadata.version("peft"),
+    }
 
 
 def _check_architecture(model_config: dict, max_seq_len: int) -> None:

@@ -22,6 +22,7 @@ from loraswap.server.grpc.interceptors import ErrorInterceptor
 from loraswap.server.grpc.pb import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from loraswap.server.grpc.reflection import enable_reflection
 from loraswap.server.grpc.servicers import AdminServicer, EngineSlot, InferenceServicer
+from loraswap.server.limits import InFlight
 from loraswap.server.metrics import Metrics
 from loraswap.server.settings import ServeSettings
 
@@ -38,7 +39,8 @@ RPC_METHODS = tuple(
     f"/{service.full_name}/{method.name}" for service in _SERVICES for method in service.methods
 )
 """Every method the interceptor sees, each a ``method`` label of the RPC metrics (reflection passes by)."""
-EXTRA_WORKERS = 4  # threads beyond max_concurrent_rpcs, so that the RPC limit, not the pool, refuses calls
+EXTRA_WORKERS = 4  # threads beyond the RPC limit, so that the limit, not the pool, refuses calls
+ADMIN_HEADROOM = 8  # calls beyond the generation budget: admin and health answer when generations are full
 STOP_GRACE_S = 5.0  # once the engine has drained: the longest wait for the last responses to go out
 ENGINE_FAILED_EXIT = 3  # the exit status of a server whose engine stopped (its supervisor restarts it)
 
@@ -57,20 +59,23 @@ class GrpcServer:
         self.settings, self.metrics = settings, metrics
         metrics.track_methods(RPC_METHODS)
         self.slot = EngineSlot()
+        self.inflight = InFlight(settings.max_concurrent_rpcs)  # shared with the HTTP edge
         self.health = health.HealthServicer(experimental_non_blocking=True)
         auth = TokenAuth(settings.inference_tokens, settings.admin_tokens)
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=settings.max_concurrent_rpcs + EXTRA_WORKERS),
+            futures.ThreadPoolExecutor(
+                max_workers=settings.max_concurrent_rpcs + ADMIN_HEADROOM + EXTRA_WORKERS
+            ),
             interceptors=[ErrorInterceptor(metrics.on_call), AuthInterceptor(auth)],
             options=[
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs + ADMIN_HEADROOM,
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(self.slot, settings, metrics), self.server
+            InferenceServicer(self.slot, settings, metrics, self.inflight), self.server
         )
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.slot, settings), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -126,7 +131,7 @@ def serve(settings: ServeSettings, stop: threading.Event) -> int:
     if settings.http_port is not None:
         from loraswap.server.http.server import HttpServer
 
-        http = HttpServer(settings, metrics, server.slot)
+        http = HttpServer(settings, metrics, server.slot, server.inflight)
         http_port = http.start()
     metrics_port = None
     if settings.metrics_port >= 0:

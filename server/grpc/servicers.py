@@ -7,8 +7,9 @@ and the call's termination (client cancel, deadline, server stop) cancels its en
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -16,6 +17,7 @@ import grpc
 from loraswap.errors import DrainingError, InvalidArgumentError
 from loraswap.server.grpc import convert
 from loraswap.server.grpc.pb import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+from loraswap.server.limits import InFlight
 from loraswap.server.metrics import Metrics
 from loraswap.server.settings import ServeSettings
 
@@ -26,6 +28,20 @@ def call_deadline(context: grpc.ServicerContext) -> float | None:
     """The call's deadline as an absolute ``time.monotonic()`` (None when the client set none)."""
     remaining = context.time_remaining()
     return None if remaining is None or remaining > NO_DEADLINE_S else time.monotonic() + remaining
+
+
+def _once(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` that runs on the first call only (thread-safe)."""
+    lock, done = threading.Lock(), []
+
+    def call() -> None:
+        with lock:
+            if done:
+                return
+            done.append(True)
+        fn()
+
+    return call
 
 
 class EngineSlot:
@@ -41,14 +57,29 @@ class EngineSlot:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, slot: EngineSlot, settings: ServeSettings, metrics: Metrics) -> None:
+    """Generations; each holds one unit of the server's :class:`InFlight` budget while it runs."""
+
+    def __init__(
+        self, slot: EngineSlot, settings: ServeSettings, metrics: Metrics, inflight: InFlight | None = None
+    ) -> None:
         self.slot, self.settings, self.metrics = slot, settings, metrics
+        self.inflight = inflight or InFlight(settings.max_concurrent_rpcs)
 
     def _submit(self, request: inference_pb2.GenerateRequest, context: grpc.ServicerContext) -> Any:
-        req = convert.request_from_pb(request, self.settings, deadline=call_deadline(context))
-        handle = self.slot.get().submit(req)
-        if not context.add_callback(handle.cancel):  # runs when the call ends for any reason
-            handle.cancel()  # the call has already ended
+        """Submit the call's generation, holding a unit of the budget until the call ends for any reason
+        (finished, failed, cancelled, past its deadline: gRPC runs the call's callbacks then, even for a
+        stream whose handler generator is left suspended)."""
+        self.inflight.acquire()
+        release = _once(self.inflight.release)
+        try:
+            req = convert.request_from_pb(request, self.settings, deadline=call_deadline(context))
+            handle = self.slot.get().submit(req)
+        except BaseException:
+            release()
+            raise
+        for callback in (release, handle.cancel):
+            if not context.add_callback(callback):  # the call has already ended
+                callback()
         return handle
 
     def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.ServicerContext) -> Any:

@@ -14,7 +14,7 @@ import json
 import queue
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -29,6 +29,7 @@ from loraswap.server.engine.api import GenerationResult, TokenEvent
 from loraswap.server.grpc.auth import PermissionDeniedError, TokenAuth, UnauthenticatedError
 from loraswap.server.grpc.servicers import EngineSlot, routed_to
 from loraswap.server.http import convert, models
+from loraswap.server.limits import InFlight
 from loraswap.server.metrics import Metrics
 from loraswap.server.settings import ServeSettings
 
@@ -123,9 +124,16 @@ def ready(handle: Any) -> list[TokenEvent]:
 
 
 def create_app(
-    slot: EngineSlot, settings: ServeSettings, metrics: Metrics, watch_disconnects: bool = True
+    slot: EngineSlot,
+    settings: ServeSettings,
+    metrics: Metrics,
+    watch_disconnects: bool = True,
+    inflight: InFlight | None = None,
 ) -> ASGIApp:
     """The app over the engine in ``slot`` (requests get 503 until the engine is attached).
+
+    ``inflight``: the server's generation budget, shared with its gRPC edge (default: one of the app's
+    own, of ``settings.max_concurrent_rpcs``).
 
     ``watch_disconnects``: a JSON answer's request is cancelled when its client hangs up before it is
     ready (the ASGI server's ``http.disconnect``); off where the ASGI server relays ``receive`` from
@@ -171,7 +179,7 @@ def create_app(
     async def chat_completions(body: models.ChatCompletionRequest, request: Request) -> Any:
         return await _generate(body, request, chat=True)
 
-    admission = Admission(settings.max_concurrent_rpcs)
+    admission = inflight or InFlight(settings.max_concurrent_rpcs)
 
     async def _generate(
         body: models.CompletionRequest | models.ChatCompletionRequest, request: Request, chat: bool
@@ -183,7 +191,7 @@ def create_app(
         released = False
         watch: asyncio.Future | None = None
         try:
-            handle = engine.submit(req)
+            handle = await submit_off_loop(engine, req)  # tokenizing, templates, route look-ups block
             events = handle.aevents()
             # A JSON answer reads nothing from the client until it is written: this watch is what
             # notices a hang-up meanwhile and cancels the request, freeing its row.
@@ -201,8 +209,8 @@ def create_app(
                 head = {"id": ident, "object": kind, "created": created, "model": body.model}
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 chunks = stream_chunks(ChunkWriter(head, chat), handle, events, first, include_usage)
-                released = True  # the stream gives the admission back when it ends
-                return EventSourceResponse(_counted(chunks, req.adapter), ping=15)
+                released = True  # the response gives the admission back when it ends, however it ends
+                return StreamResponse(_counted(chunks, req.adapter), on_close(handle, admission), ping=15)
             result = first.result
             try:
                 async for event in events:  # woken by the engine: no thread waits for the request
@@ -229,33 +237,64 @@ def create_app(
         return models.Completion(id=ident, created=created, model=body.model, choices=[text], usage=usage)
 
     async def _counted(chunks: AsyncIterator[tuple[str, GenerationResult | None]], adapter: str) -> Any:
-        try:
-            async for data, result in chunks:
-                if result is not None:
-                    metrics.on_result(adapter, result)
-                yield {"data": data}
-        finally:
-            admission.release()
+        async for data, result in chunks:
+            if result is not None:
+                metrics.on_result(adapter, result)
+            yield {"data": data}
 
     return CallMetrics(app, metrics)
 
 
-class Admission:
-    """Generations in progress on the HTTP API, refused past a limit with 429 (as gRPC refuses RPCs past
-    ``max_concurrent_rpcs``). Only the app's event loop calls it, so a plain count is enough."""
+async def submit_off_loop(engine: Any, request: Any) -> Any:
+    """``engine.submit(request)`` on a worker thread (it tokenizes, renders chat templates and may look a
+    route's tag up in the registry: none of it may stall the event loop's other requests). If this task
+    is cancelled meanwhile, the request, once submitted, is cancelled too: nothing runs for nobody."""
+    submitting = asyncio.ensure_future(asyncio.to_thread(engine.submit, request))
+    try:
+        return await asyncio.shield(submitting)
+    except asyncio.CancelledError:
+        submitting.add_done_callback(_cancel_submitted)
+        raise
 
-    def __init__(self, limit: int) -> None:
-        self.limit, self.count = limit, 0
 
-    def acquire(self) -> None:
-        if self.count >= self.limit:
-            raise errors.OverloadedError(
-                f"too many requests in progress on the HTTP API (limit {self.limit}); retry later"
-            )
-        self.count += 1
+def _cancel_submitted(done: asyncio.Future) -> None:
+    if not done.cancelled() and done.exception() is None:
+        done.result().cancel()
 
-    def release(self) -> None:
-        self.count -= 1
+
+def on_close(handle: Any, admission: InFlight) -> Callable[[], None]:
+    """What a stream's end must do exactly once, however it ends: cancel its request (a no-op once it
+    finished) and give its unit of the budget back."""
+    closed: list[bool] = []
+
+    def close() -> None:
+        if not closed:
+            closed.append(True)
+            handle.cancel()
+            admission.release()
+
+    return close
+
+
+class StreamResponse(EventSourceResponse):
+    """Server-sent events that run ``on_close`` when the response ends for any reason: finished, the
+    client gone before the first chunk was pulled (the body generator never starts, so its own
+    ``finally`` would never run), or the server stopping."""
+
+    def __init__(self, content: Any, on_close: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+    def __del__(self) -> None:  # never sent (an error between creating and sending it): still release
+        close = getattr(self, "_on_close", None)
+        if close is not None:
+            close()
 
 
 async def cancel_on_disconnect(receive: Receive, handle: Any) -> None:

@@ -10,6 +10,7 @@ import uvicorn
 
 from loraswap.server.grpc.servicers import EngineSlot
 from loraswap.server.http.app import create_app
+from loraswap.server.limits import InFlight
 from loraswap.server.metrics import Metrics
 from loraswap.server.settings import ServeSettings
 
@@ -27,9 +28,11 @@ class _Server(uvicorn.Server):
 class HttpServer:
     """The OpenAI-compatible API on ``settings.host:settings.http_port`` over the engine in ``slot``."""
 
-    def __init__(self, settings: ServeSettings, metrics: Metrics, slot: EngineSlot) -> None:
+    def __init__(
+        self, settings: ServeSettings, metrics: Metrics, slot: EngineSlot, inflight: InFlight | None = None
+    ) -> None:
         self.settings = settings
-        app = create_app(slot, settings, metrics)
+        app = create_app(slot, settings, metrics, inflight=inflight)
         config = uvicorn.Config(
             app,
             log_level="warning",

@@ -480,7 +480,7 @@ def test_serve_help_documents_every_setting(capsys: pytest.CaptureFixture[str]) 
     out = " ".join(capsys.readouterr().out.split())
     for flag in ("--max-concurrent-rpcs", "--admin-tokens", "--tls-client-ca", "--adapter-slots", "--config"):
         assert flag in out
-    assert "past it new calls get RESOURCE_EXHAUSTED" in out
+    assert "one budget for both edges" in out
     assert "Adapters resident on the device at once" in out
 
 
