@@ -1,10 +1,11 @@
 """The ingress: ``loraswap.v1.Inference`` and ``loraswap.v1.Admin`` behind Ray Serve's gRPC proxy, the OpenAI
 API behind its HTTP proxy.
 
-Every request's adapter reference is resolved here against the shared registry (:class:`TagResolver`: a
-tag is trusted for ``tag_ttl_s``, a digest forever), rewritten to ``name@sha256:…`` and sent to the engine
-replicas with ``multiplexed_model_id`` = the digest: all traffic for one version goes where that version
-is warm, and a moved tag moves it at once for every replica. A request whose replica dies before it
+Every request's adapter reference is resolved here against the shared registry (the engine's
+:class:`~loraswap.server.adapters.resolver.Resolver`: a tag is trusted for ``tag_ttl_s``, a digest
+forever, the last answer served while the registry is unreachable), rewritten to ``name@sha256:…`` and
+sent to the engine replicas with ``multiplexed_model_id`` = the digest: all traffic for one version goes
+where that version is warm, and a moved tag moves it at once for every replica. A request whose replica dies before it
 answers is sent again (:attr:`RayAppConfig.replica_retries` times; a stream only before its first event),
 then fails UNAVAILABLE.
 
@@ -20,14 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any
 
 from loraswap.errors import CancelledError, DrainingError, LoraswapError
-from loraswap.server.adapters.lru import LRU
+from loraswap.server.adapters.resolver import Resolver
 from loraswap.server.engine.api import (
     AdapterStatus,
     EngineInfo,
@@ -50,36 +49,28 @@ from loraswap.server.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 INGRESS_DEPLOYMENT = "LoraswapIngress"
-MAX_RESOLVED = 10_000  # reference strings whose resolution the ingress remembers
 
 
-class TagResolver:
-    """Adapter reference → (name, digest) against the registry; tags re-resolved after ``ttl_s``."""
+class RegistryOpener:
+    """Opens the registry at ``url`` on first use (and again after an attempt that failed)."""
 
-    def __init__(self, registry_url: str | None, ttl_s: float) -> None:
-        self.registry_url, self.ttl_s = registry_url, ttl_s
+    def __init__(self, url: str | None) -> None:
+        self.url = url
         self._registry: Any = None
-        self._lock = threading.Lock()
-        self._resolved: LRU[str, tuple[float, str, str]] = LRU(MAX_RESOLVED)
 
-    def resolve(self, ref: str) -> tuple[str, str]:
-        """The name and digest ``ref`` names now (blocking: registry I/O on a miss).
-
-        Raises:
-            NotFoundError: unknown adapter, tag or version.
-        """
-        with self._lock:
-            cached = self._resolved.get(ref)
-        if cached is not None and ("@" in ref or time.monotonic() - cached[0] < self.ttl_s):
-            return cached[1], cached[2]
+    def __call__(self) -> Any:
         if self._registry is None:
             from loraswap.registry import open_registry
 
-            self._registry = open_registry(self.registry_url)
-        manifest = self._registry.resolve(ref)
-        with self._lock:
-            self._resolved.put(ref, (time.monotonic(), manifest.name, manifest.digest))
-        return manifest.name, manifest.digest
+            self._registry = open_registry(self.url)
+        return self._registry
+
+
+def ingress_resolver(settings: ServeSettings) -> Resolver:
+    """The ingress's :class:`~loraswap.server.adapters.resolver.Resolver`: the engine's rules (tag TTL,
+    stale answers within the grace while the registry is unreachable) against the shared registry."""
+    engine = settings.engine
+    return Resolver(RegistryOpener(engine.registry), engine.tag_ttl_s, engine.tag_stale_grace_s)
 
 
 def _sent(request: GenerationRequest) -> tuple[GenerationRequest, float | None]:
@@ -96,13 +87,19 @@ class Dispatcher:
 
     def __init__(self, replicas: Any, settings: ServeSettings, config: RayAppConfig) -> None:
         self.replicas, self.settings, self.config = replicas, settings, config
-        self.resolver = TagResolver(settings.engine.registry, settings.engine.tag_ttl_s)
+        self.resolver = ingress_resolver(settings)
+
+    def resolve_pair(self, ref: str) -> tuple[str, str]:
+        """(name, digest) of ``ref`` now (blocking: registry I/O unless resolved recently)."""
+        found = self.resolver.resolve(ref)
+        return found.name, found.digest
 
     async def pinned(self, request: GenerationRequest) -> tuple[GenerationRequest, str | None]:
         """``request`` with its adapter pinned to ``name@digest``, and that digest (None: base model)."""
         if not request.adapter:
             return request, None
-        name, digest = await asyncio.to_thread(self.resolver.resolve, request.adapter)
+        found = await asyncio.to_thread(self.resolver.resolve, request.adapter)
+        name, digest = found.name, found.digest
         return replace(request, adapter=f"{name}@{digest}"), digest
 
     def _handle(self, digest: str | None, stream: bool = False) -> Any:
@@ -191,7 +188,7 @@ class InferenceIngress:
             call = admit(self.auth, ADMIN_SERVICE, name, grpc_context)
             slot = EngineSlot()
             slot.engine = ReplicaAdmin(
-                self.dispatcher.replicas, self.dispatcher.resolver.resolve, call.deadline
+                self.dispatcher.replicas, self.dispatcher.resolve_pair, call.deadline
             )
             servicer = AdminServicer(slot, self.settings)
             return await asyncio.to_thread(getattr(servicer, name), request, call)
