@@ -5,9 +5,9 @@ Every request's adapter reference is resolved here against the shared registry (
 :class:`~loraswap.server.adapters.resolver.Resolver`: a tag is trusted for ``tag_ttl_s``, a digest
 forever, the last answer served while the registry is unreachable), rewritten to ``name@sha256:…`` and
 sent to the engine replicas with ``multiplexed_model_id`` = the digest: all traffic for one version goes
-where that version is warm, and a moved tag moves it at once for every replica. A request whose replica dies before it
-answers is sent again (:attr:`RayAppConfig.replica_retries` times; a stream only before its first event),
-then fails UNAVAILABLE.
+where that version is warm, and a moved tag moves it at once for every replica. A request whose replica
+dies before it answers is sent again (:attr:`RayAppConfig.replica_retries` times; a stream only before its
+first event), then fails UNAVAILABLE.
 
 As on a single server, each gRPC call's bearer token is checked (``inference_tokens``, ``admin_tokens``)
 and its deadline goes with the request to the engine, which drops the request when it passes
@@ -187,9 +187,7 @@ class InferenceIngress:
         try:
             call = admit(self.auth, ADMIN_SERVICE, name, grpc_context)
             slot = EngineSlot()
-            slot.engine = ReplicaAdmin(
-                self.dispatcher.replicas, self.dispatcher.resolve_pair, call.deadline
-            )
+            slot.engine = ReplicaAdmin(self.dispatcher.replicas, self.dispatcher.resolve_pair, call.deadline)
             servicer = AdminServicer(slot, self.settings)
             return await asyncio.to_thread(getattr(servicer, name), request, call)
         except Exception as exc:
