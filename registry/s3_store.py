@@ -26,23 +26,28 @@ big files; the object appears only once complete). They are content-addressed, s
 file is a HEAD then an upload: two writers racing write the same bytes.
 
 ``touch`` (a reused blob made young for ``gc``) copies the object onto itself with new metadata, and
-always changes its ETag, so that ``gc``'s conditional delete (:meth:`S3Store.delete_stale`,
-``delete_object(IfMatch=<the ETag gc listed>)``) fails once a push has touched the blob. A copy's ETag is
-the MD5 of the content for a single-part object (the same for every plain copy) and ends in ``-<parts>``
-for a multipart one, so ``touch`` alternates: an object with a multipart ETag is copied with one
-``copy_object`` (up to :attr:`S3Store.copy_threshold`, 5 GiB, S3's limit for one copy), any other with a
-multipart copy (``upload_part_copy`` of equal ranges) whose number of parts differs from the current one
-(objects over the threshold always take this path). Both ask for a fresh ``CRC32`` checksum: a plain
+always changes its ETag, so that ``gc``'s conditional delete fails once a push has touched the blob
+(:meth:`S3Store.delete_stale`: a HEAD that must still show the ETag ``gc`` listed and an old modification
+time, then ``delete_object(IfMatch=<that ETag>)``). A copy's ETag is the MD5 of the content for a
+single-part object (the same for every plain copy) and ends in ``-<parts>`` for a multipart one, so
+``touch`` alternates: an object with a multipart ETag is copied with one ``copy_object`` (up to
+:attr:`S3Store.copy_threshold`, 5 GiB, S3's limit for one copy), any other with a multipart copy
+(``upload_part_copy`` of ``copy_part_size`` ranges) whose number of parts differs from the current one
+(objects over the threshold always take this path). A blob under 10 MiB has only two ETags to
+alternate between (parts but the last are at least 5 MiB), so two touches can bring its ETag back: the
+HEAD's modification time catches every touch since the listing (with a grace of a few seconds or
+more), and ``If-Match`` a touch between the HEAD and the delete; only two touches inside that one
+round trip go unseen. Both ask for a fresh ``CRC32`` checksum: a plain
 copy of a multipart object keeps its per-part ("composite") checksum on some stores (moto) and then
 serves it as a whole-object checksum, which botocore's default response validation rejects (a store
 that does not take the argument gets a copy without it). A read whose checksum fails is an
 :class:`~loraswap.errors.IntegrityError`, any other failure while reading a body (a stall past the read
 timeout included) a :class:`StoreError`: never a botocore exception.
 
-``gc``'s delete in the read-back fallback mode (a store that ignores ``If-Match``) is a HEAD that
-compares the ETag and the age, then an unconditional delete: a touch that lands between the two is
-lost, and the blob with it if the push's own check after its manifest ran before that delete. Keep
-``gc``'s grace period long on such stores, or run ``gc`` while nothing is pushed.
+``gc``'s delete in the read-back fallback mode (a store that ignores ``If-Match``) is the same HEAD,
+then an unconditional delete: a touch that lands between the two is not seen, and the blob is lost if
+the push's own check after its manifest ran before that delete. Run ``gc`` while nothing is pushed on
+such stores.
 """
 
 from __future__ import annotations
@@ -270,17 +275,15 @@ class S3Store(ObjectStore):
         return ObjectInfo(key, int(head["ContentLength"]), head["LastModified"].timestamp(), head["ETag"])
 
     def delete_stale(self, seen: ObjectInfo, cutoff: float) -> bool:
-        """Conditional mode: one ``delete_object(IfMatch=seen.version)`` (after checking ``seen``'s age):
-        any write or touch since the listing changed the ETag, and the store refuses. Fallback mode: a
-        HEAD, then an unconditional delete (see the module docstring for the window left)."""
+        """A HEAD (the object must still have ``seen``'s ETag and be older than ``cutoff``), then, in
+        conditional mode, ``delete_object(IfMatch=<that ETag>)``: a touch or write since the HEAD changed
+        the ETag, and the store refuses. See the module docstring for what is left."""
         if seen.modified >= cutoff:
             return False
-        conditional = self.conditional and bool(seen.version)
-        if not conditional:
-            current = self.stat(seen.key)
-            if current is None or current.version != seen.version or current.modified >= cutoff:
-                return False
-        condition = {"IfMatch": seen.version} if conditional else {}
+        current = self.stat(seen.key)
+        if current is None or current.version != seen.version or current.modified >= cutoff:
+            return False
+        condition = {"IfMatch": current.version} if self.conditional and current.version else {}
         try:
             self._call("delete_object", Bucket=self.bucket, Key=self._full(check_key(seen.key)), **condition)
         except (ConflictError, NotFoundError):

@@ -8,6 +8,7 @@ the conflict tests interleave writers deterministically instead of counting on i
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import threading
@@ -212,3 +213,47 @@ def test_cli_against_s3(bucket: str, make_adapter, tmp_path: Path, capsys) -> No
     assert _files(tmp_path / "out") == _files(make_adapter())
     assert main(["registry", "--registry", "s3://no-such-bucket-here", "list"]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+def test_touch_always_changes_the_etag(bucket: str) -> None:
+    """gc deletes a blob only if its ETag is still the one it saw, so every touch must change it: a
+    plain copy keeps the MD5 ETag, so touch alternates a one-part multipart copy and a plain copy."""
+    store = _store(bucket)
+    key = "blobs/sha256/" + "d" * 64
+    store.put(key, b"blob content")
+    seen = [store.stat(key)]
+    for _ in range(3):
+        store.touch(key)
+        seen.append(store.stat(key))
+        assert store.get(key) == b"blob content"  # the copy's checksum validates
+    for before, after in itertools.pairwise(seen):
+        assert after.version != before.version and after.modified >= before.modified
+
+
+def test_touch_over_the_copy_limit_copies_in_parts(bucket: str) -> None:
+    """An object over the single-copy limit (5 GiB on S3; lowered here) is copied with upload_part_copy,
+    each time in a number of parts other than the last (so the ETag changes too)."""
+    store = _store(bucket)
+    store.copy_threshold = 1024 * 1024
+    store.copy_part_size = s3_module.MIN_PART
+    data = os.urandom(11 * 1024 * 1024)  # 5 + 5 + 1 MiB
+    key = "blobs/sha256/" + "e" * 64
+    store.put(key, data)
+    before = store.stat(key)
+    for parts in (3, 2, 3):
+        store.touch(key)
+        after = store.stat(key)
+        assert after.version.strip('"').endswith(f"-{parts}") and after.version != before.version
+        assert after.modified >= before.modified and after.size == len(data)
+        assert store.get(key) == data
+        before = after
+    head = store.client.head_object(Bucket=bucket, Key="reg/" + key)
+    assert "loraswap-touched" in head["Metadata"]
+
+
+@pytest.mark.parametrize("size", [5 * 1024**3 + 1, 12 * 1024**3, 50 * 1024**3])
+@pytest.mark.parametrize("parts_now", [0, 1, 2, 21, 48, 200])
+def test_a_touch_over_5_gib_is_always_a_multipart_copy_of_other_parts(size: int, parts_now: int) -> None:
+    step = s3_module._copy_step(size, parts_now, s3_module.COPY_LIMIT, 256 * 1024**2)
+    count = -(-size // step)
+    assert s3_module.MIN_PART <= step <= s3_module.COPY_LIMIT and count != parts_now and count <= 10_000
