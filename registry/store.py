@@ -169,3 +169,27 @@ def open_store(url: str | os.PathLike[str]) -> ObjectStore:
     if parsed.scheme and len(parsed.scheme) > 1:  # 'c:' style drive letters are paths
         raise InvalidArgumentError(f"unsupported registry URL {text!r}: use a path, file:///path or s3://")
     return LocalStore(Path(text).expanduser())
+
+
+def check_store_url(url: str | os.PathLike[str]) -> None:
+    """Check, with no network or disk I/O, that a store at ``url`` can be opened by this installation:
+    the URL's scheme, and for ``s3://`` that boto3 is installed and accepts the environment (profile,
+    region, endpoint, the ``$LORASWAP_S3_*`` limits). A server runs this at start, so that a
+    misconfiguration refuses to start instead of failing every adapter request later; an endpoint that
+    is down is not a misconfiguration and is found on first use.
+
+    Raises:
+        InvalidArgumentError: An unsupported URL scheme, or a limit's variable that is not a number.
+        MissingDependencyError: ``s3://`` without boto3 (the message names the ``pip install``).
+        FailedPreconditionError: boto3 refuses the configuration (an unknown ``AWS_PROFILE``, no region).
+    """
+    text = os.fspath(url)
+    parsed = urlparse(text)
+    if parsed.scheme == "s3":
+        from loraswap.registry.s3_client import make_client
+
+        if not parsed.netloc:
+            raise InvalidArgumentError(f"registry URL {text!r} names no bucket: use s3://bucket/prefix")
+        make_client(text)
+    elif parsed.scheme not in ("", "file") and len(parsed.scheme) > 1:
+        raise InvalidArgumentError(f"unsupported registry URL {text!r}: use a path, file:///path or s3://")

@@ -123,6 +123,7 @@ def serve(settings: ServeSettings, stop: threading.Event) -> int:
     from loraswap.server.routes.router import Router
 
     serial_torch_thread()  # this thread loads the model; the engine's step thread is the one OpenMP team
+    check_registry_config(settings.engine.registry)
     status = 0
     metrics = Metrics(settings.metrics_adapters)
     server = GrpcServer(settings, metrics)
@@ -174,6 +175,20 @@ def serve(settings: ServeSettings, stop: threading.Event) -> int:
         metrics.stop_http()
     _say("stopped")
     return status
+
+
+def check_registry_config(url: str | None) -> None:
+    """Refuse to start on a registry this installation cannot use (an unsupported URL, ``s3://`` without
+    boto3, an unknown ``AWS_PROFILE``): :func:`~loraswap.registry.store.check_store_url`, no I/O. A
+    registry that is down is not refused: adapters fail UNAVAILABLE until it is back."""
+    import os
+
+    from loraswap.registry.registry import REGISTRY_ENV
+    from loraswap.registry.store import check_store_url
+
+    target = url or os.environ.get(REGISTRY_ENV)
+    if target:
+        check_store_url(target)
 
 
 def _say(message: str) -> None:
