@@ -15,12 +15,13 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from loraswap.devtools.launch import start_serve
 from loraswap.errors import DeadlineExceededError
 from loraswap.server.engine.api import SamplingParams
-from loraswap.server.grpc.client import Client, build_request
+from loraswap.server.grpc.client import Client, ServerError, build_request
 
 pytestmark = pytest.mark.slow
 WAIT_S = 60  # a bound on waiting for something that must happen: far above any expected time
@@ -125,3 +126,58 @@ def test_a_silent_registry_fails_requests_in_time_and_sigterm_still_ends_the_pro
         assert server.wait(timeout=WAIT_S) == 0
     finally:
         server.kill()
+
+
+def test_serve_exits_non_zero_when_its_engine_gives_up(
+    tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect: an engine whose steps all failed (or whose step thread died) left health SERVING and the
+    process up, so Kubernetes never restarted it. Now health turns NOT_SERVING and ``serve`` returns
+    :data:`ENGINE_FAILED_EXIT` (what ``loraswap serve`` exits with)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from loraswap.server.engine import EngineConfig
+    from loraswap.server.engine.forward import PackedForward
+    from loraswap.server.grpc import server as grpc_server
+    from loraswap.server.settings import ServeSettings
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+
+    monkeypatch.setattr(PackedForward, "__call__", broken)
+    healths: list[int] = []
+    port: list[str] = []
+    real_set_failed = grpc_server.GrpcServer.set_failed
+
+    def set_failed(self) -> None:  # ask the real health service, as a probe would, before the drain
+        real_set_failed(self)
+        with grpc.insecure_channel(f"127.0.0.1:{port[0]}") as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            healths.append(check(health_pb2.HealthCheckRequest(), timeout=WAIT_S).status)
+
+    monkeypatch.setattr(grpc_server.GrpcServer, "set_failed", set_failed)
+    ports: list[str] = []
+    monkeypatch.setattr(grpc_server, "_say", lambda message: ports.append(message))
+    engine = EngineConfig(base=str(tiny_base), registry=str(tmp_path / "reg"), quantization="fp32",
+                          adapter_slots=1, max_rank=8, max_batch_size=2, max_seq_len=64,
+                          max_step_failures=1)  # fmt: skip
+    settings = ServeSettings(engine=engine, port=0, metrics_port=-1, grace_seconds=1)
+    stop = threading.Event()
+    status: list[int] = []
+    runner = threading.Thread(target=lambda: status.append(grpc_server.serve(settings, stop)))
+    runner.start()
+    try:
+        for _ in range(WAIT_S * 10):
+            if any(m.startswith("serving on") for m in ports):
+                break
+            threading.Event().wait(0.1)
+        port.append(next(m for m in ports if m.startswith("serving on")).split(":")[1].split()[0])
+        with Client(f"127.0.0.1:{port[0]}", timeout=WAIT_S) as client, pytest.raises(ServerError):
+            client.generate("hi", sampling=SamplingParams(2))
+        runner.join(WAIT_S)
+        assert status == [grpc_server.ENGINE_FAILED_EXIT]
+        assert healths == [health_pb2.HealthCheckResponse.NOT_SERVING]
+        assert any("the engine stopped: 1 steps in a row failed" in m for m in ports)
+    finally:
+        stop.set()
+        runner.join(WAIT_S)
