@@ -37,7 +37,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench.chaos_check import Outcome, check_answers, classify, fault_outcomes, last_half, rss_slope, table
+from bench.chaos_check import (
+    AnswerCheck,
+    Outcome,
+    check_answers,
+    classify,
+    fault_outcomes,
+    last_half,
+    rss_slope,
+    table,
+)
 from bench.chaos_control import FaultController, Rig, schedule
 from bench.chaos_faults import KINDS, PROD, Catalog, Churn, ServerSupervisor
 from bench.chaos_load import Load, LoadSettings, RssSampler, stuck_at_end
@@ -248,10 +257,21 @@ def _soak(args: argparse.Namespace, work: Path, base_dir: Path, moto: MotoServer
         churn.stop()
         exit_code = server.stop()
     raw["server"]["exit_code"] = exit_code
-    raw["answers"] = check_answers(raw["outcomes"], catalog, base_dir, args.new_tokens, args.tie_tolerance)
+    suspects = frozenset(
+        f["detail"].get("digest", "") for f in raw["faults"] if f["kind"].startswith("cache")
+    )
+    how = AnswerCheck(base_dir, args.new_tokens, args.tie_tolerance, args.max_references, suspects, args.seed)
+    raw["answers"] = check_answers(raw["outcomes"], catalog, how)
     raw["verify"] = run_verify(url, moto.url)
     raw["moto_starts"] = moto.starts
     return raw
+
+
+def damaged_versions(faults: list[dict[str, Any]]) -> frozenset[str]:
+    """The versions whose cached files the faults damaged."""
+    found = [f["detail"] for f in faults if f["kind"].startswith("cache")]
+    found += [f["detail"].get("unseen_corruption", {}) for f in faults if f["kind"] == "server-kill"]
+    return frozenset(d["digest"] for d in found if d.get("digest"))
 
 
 def drive(args: argparse.Namespace, rig: Rig, plan: list[tuple[int, str]]) -> dict[str, Any]:
@@ -348,6 +368,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=4, help="tokens per answer (greedy)")
     parser.add_argument("--stream-share", type=float, default=0.25, help="share of requests that stream")
     parser.add_argument("--tie-tolerance", type=float, default=1e-3, help="logit gap of a near tie")
+    parser.add_argument(
+        "--max-references",
+        type=int,
+        default=160,
+        help="most (version, prompt) pairs whose answers are checked token by token against PEFT",
+    )
     parser.add_argument(
         "--rss-min-span",
         type=int,

@@ -3,8 +3,9 @@ server's RSS trend, and the report's table.
 
 Outcome classes:
 
-* **ok**: an answer, from a version of the adapter asked for, token for token PEFT's greedy answer with
-  that version (checked for every answer: references are computed once per version and prompt);
+* **ok**: an answer from a version of the adapter asked for (checked for every answer) that is, token
+  for token, PEFT's greedy answer with that version (checked for the answers of a sample of (version,
+  prompt) pairs, the versions a fault damaged first: PEFT's answer is computed once per pair);
 * **wrong**: an answer from a version of another name (or another version than the digest asked for),
   of the wrong length, or whose tokens differ from PEFT's; a difference at a position where PEFT's own
   top two logits are within ``tie_tolerance`` is a **near tie** instead (fp32 rounding, not a wrong
@@ -15,7 +16,10 @@ Outcome classes:
 
 from __future__ import annotations
 
+import contextlib
+import random
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,7 +129,7 @@ class Reference:
         """Make ``digest``'s version the active adapter."""
         from peft import PeftModel
 
-        name = digest.removeprefix("sha256:")[:16]
+        name = digest.removeprefix("sha256:")
         if self.model is None:
             self.model = PeftModel.from_pretrained(self.base, self.folders[digest], adapter_name=name).eval()
         elif name not in self.model.peft_config:
@@ -160,35 +164,78 @@ def compare(outcome: Outcome, tokens: list[int], logits: list[torch.Tensor], tol
     return None
 
 
-def check_answers(
-    outcomes: list[Outcome], catalog: Catalog, base_dir: Path, new_tokens: int, tolerance: float
-) -> dict[str, Any]:
-    """Check every answer: its version (:func:`identity_problem`), then its tokens against PEFT's."""
+@dataclass
+class AnswerCheck:
+    """How answers are checked against PEFT.
+
+    Attributes:
+        base_dir: The base model folder (the server's).
+        new_tokens: Tokens per answer.
+        tolerance: Logit gap under which a departure is a near tie.
+        max_references: Most (version, prompt) pairs to compute PEFT's answer for; the answers of a
+            pair are all checked. Versions in ``suspects`` go first, the rest in a seeded random order.
+        suspects: Versions a fault damaged (their cached files), checked first.
+        seed: Orders the rest.
+    """
+
+    base_dir: Path
+    new_tokens: int
+    tolerance: float
+    max_references: int
+    suspects: frozenset[str] = frozenset()
+    seed: int = 0
+
+
+def check_answers(outcomes: list[Outcome], catalog: Catalog, how: AnswerCheck) -> dict[str, Any]:
+    """Check every answer's version (:func:`identity_problem`); then the tokens of the answers of up to
+    ``how.max_references`` (version, prompt) pairs against PEFT's (:func:`compare`)."""
     wrong: list[dict[str, Any]] = []
     groups: dict[tuple[str, str], list[Outcome]] = defaultdict(list)
     for outcome in outcomes:
         if outcome.code != OK:
             continue
-        problem = identity_problem(outcome, catalog, new_tokens)
+        problem = identity_problem(outcome, catalog, how.new_tokens)
         if problem:
             wrong.append(_wrong(outcome, problem))
         else:
             groups[outcome.digest, outcome.prompt].append(outcome)
-    near_ties = 0
-    if groups:
-        reference = Reference(base_dir, catalog.folders)
-        for (digest, prompt), group in sorted(groups.items()):
-            reference.use(digest)
-            tokens, logits, prompt_len = reference.greedy(prompt, new_tokens)
-            for outcome in group:
-                verdict = compare(outcome, tokens, logits, tolerance)
+    keys = sorted(groups)
+    random.Random(how.seed).shuffle(keys)
+    keys = sorted(keys, key=lambda key: key[0] not in how.suspects)[: how.max_references]  # stable
+    near_ties = checked = 0
+    with torch_threads(1):  # beside other work on a few cores, one thread is the fastest
+        reference = Reference(how.base_dir, catalog.folders) if keys else None
+        for digest, prompt in keys:
+            reference.use(digest)  # type: ignore[union-attr]
+            tokens, logits, prompt_len = reference.greedy(prompt, how.new_tokens)  # type: ignore[union-attr]
+            for outcome in groups[digest, prompt]:
+                verdict = compare(outcome, tokens, logits, how.tolerance)
                 if verdict is None and outcome.prompt_tokens != prompt_len:
                     verdict = f"prompt of {outcome.prompt_tokens} tokens, PEFT's tokenizer gives {prompt_len}"
                 near_ties += verdict == "near tie"
+                checked += 1
                 if verdict not in (None, "near tie"):
                     wrong.append(_wrong(outcome, verdict))
-    checked = sum(o.code == OK for o in outcomes)
-    return {"checked": checked, "wrong": wrong, "near_ties": near_ties, "references": len(groups)}
+    return {
+        "answers": sum(o.code == OK for o in outcomes),
+        "checked": checked,
+        "wrong": wrong,
+        "near_ties": near_ties,
+        "references": len(keys),
+        "pairs": len(groups),
+        "suspects_checked": sorted({d for d, _ in keys} & how.suspects),
+    }
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` for the block."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def _wrong(outcome: Outcome, why: str) -> dict[str, Any]:
@@ -246,7 +293,8 @@ def table(report: dict[str, Any]) -> str:
         f"{r['config']['adapters']} adapters, {r['wall_s']:.0f} s",
         f"{'outcome':<24}{'count':>8}",
         *(f"  {code:<22}{n:>8}" for code, n in c["codes"].items()),
-        f"{'ok (answers)':<24}{c['ok']:>8}   checked against PEFT: {r['answers']['checked']}, "
+        f"{'ok (answers)':<24}{c['ok']:>8}   checked against PEFT: {r['answers']['checked']} "
+        f"({r['answers']['references']} of {r['answers']['pairs']} version-prompt pairs), "
         f"near ties {r['answers']['near_ties']}",
         f"{'failed with a status':<24}{c['failed']:>8}   unclear (INTERNAL/UNKNOWN/client): {c['unclear']}",
         f"{'wrong':<24}{len(r['answers']['wrong']):>8}",
