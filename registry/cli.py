@@ -16,6 +16,8 @@ REF_HELP = "adapter or model reference: NAME (= NAME:latest), NAME:TAG or NAME@s
 EPILOG = """\
 S3: endpoint from $LORASWAP_S3_ENDPOINT or $AWS_ENDPOINT_URL, credentials from the standard AWS
 variables; add ?conditional=false to an s3:// URL for stores that ignore If-Match/If-None-Match.
+Requests give up after $LORASWAP_S3_CONNECT_TIMEOUT (5 s) to connect, $LORASWAP_S3_READ_TIMEOUT (60 s)
+without a byte, $LORASWAP_S3_MAX_ATTEMPTS (3) tries.
 refused (one line naming the problem, exit code 1, the store unchanged): links, pipes or devices in a
 pushed folder; a pull into a file, a link or a non-empty folder (without --force); names, tags and
 references that do not match their pattern exactly; adapters or models that fail validation; a

@@ -37,10 +37,13 @@ single-part object (the same for every plain copy) and ends in ``-<parts>`` for 
 alternate between (parts but the last are at least 5 MiB), so two touches can bring its ETag back: the
 HEAD's modification time catches every touch since the listing (with a grace of a few seconds or
 more), and ``If-Match`` a touch between the HEAD and the delete; only two touches inside that one
-round trip go unseen. Both ask for a fresh ``CRC32`` checksum: a plain
-copy of a multipart object keeps its per-part ("composite") checksum on some stores (moto) and then
-serves it as a whole-object checksum, which botocore's default response validation rejects (a store
-that does not take the argument gets a copy without it). A read whose checksum fails is an
+round trip go unseen. A store that refuses ``upload_part_copy`` gets a plain copy (logged): its ETag
+stays, and only the HEAD's modification time protects the blob.
+
+Both copies ask for a fresh ``CRC32`` checksum: a plain copy of a multipart object keeps its per-part
+("composite") checksum on some stores (moto) and then serves it as a whole-object checksum, which
+botocore's default response validation rejects (a store that does not take the argument gets a copy
+without it). A read whose checksum fails is an
 :class:`~loraswap.errors.IntegrityError`, any other failure while reading a body (a stall past the read
 timeout included) a :class:`StoreError`: never a botocore exception.
 
@@ -317,11 +320,20 @@ class S3Store(ObjectStore):
         step = _copy_step(size, _etag_parts(head["ETag"]), self.copy_threshold, self.copy_part_size)
         try:
             if step:
-                self._copy_in_parts(full, size, step, metadata)
+                self._copy_parts_or_whole(full, size, step, metadata)
             else:
                 self._copy_whole(full, metadata)
         except NotFoundError:  # removed meanwhile
             return
+
+    def _copy_parts_or_whole(self, full: str, size: int, step: int, metadata: dict[str, str]) -> None:
+        try:
+            self._copy_in_parts(full, size, step, metadata)
+        except StoreError as exc:  # a store without upload_part_copy: the ETag stays (see the docstring)
+            if size > COPY_LIMIT:
+                raise
+            log.warning("%s: multipart copy failed (%s); touching with a plain copy", self.url, exc)
+            self._copy_whole(full, metadata)
 
     def _copy_whole(self, full: str, metadata: dict[str, str]) -> None:
         source = {"Bucket": self.bucket, "Key": full}
