@@ -62,7 +62,12 @@ def test_each_object_is_durable_before_anything_names_it(tmp_path: Path, make_ad
     _durable_before(events, ("publish", stored), ("publish", latest))
     _durable_before(events, ("publish", latest), ("publish", prod))
     assert ("fsync", str(prod.parent)) in events[events.index(("publish", str(prod))) :]
-    for created in (root / "blobs" / "sha256", root / "adapters" / "bot" / "manifests"):
+    for created in (
+        root / "blobs",
+        root / "blobs" / "sha256",
+        root / "adapters" / "bot",
+        root / "adapters" / "bot" / "manifests",
+    ):
         # a folder made for an object is itself durable (its parent fsynced) before the object is published
         assert events.index(("fsync", str(created.parent))) < events.index(("fsync", str(created)))
 
