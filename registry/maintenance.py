@@ -6,11 +6,12 @@ an in-progress push's blobs are unreferenced for a while; a push that reuses an 
 gc's delete is conditional (:meth:`~loraswap.registry.store.ObjectStore.delete_stale`): a blob is
 deleted only if it is still the object gc listed, neither rewritten nor touched since, so a push that
 reuses a blob between gc's listing and its delete keeps it (locally the check and the delete hold the
-lock ``touch`` takes; on S3 the delete carries ``If-Match`` with the listed ETag, which ``touch``
-changes). A push checks its blobs again after writing its manifest and uploads any that went, which
-covers a gc that deleted a blob before the push touched it. What is left: with ``--grace 0`` a gc that
-lists a blob after a push touched it but before that push's manifest exists may delete it after the
-push's last check; keep the grace above the time a push takes.
+lock ``touch`` takes; on S3 a HEAD must still show the listed ETag, which ``touch`` changes, and an old
+modification time, and the delete carries ``If-Match`` with that ETag). A push checks its blobs again
+after writing its manifest and uploads any that went, which covers a gc that deleted a blob before the
+push touched it. What is left: with ``--grace 0`` a gc that lists a blob after a push touched it but
+before that push's manifest exists may delete it after the push's last check; keep the grace above the
+time a push takes.
 """
 
 from __future__ import annotations
