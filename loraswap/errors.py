@@ -13,13 +13,17 @@ class NotFoundError(LoraswapError):
     """An adapter, tag, version or model that does not exist (gRPC NOT_FOUND)."""
 
 
-class InvalidArgumentError(LoraswapError):
-    """Bad input from the caller (gRPC INVALID_ARGUMENT). Carries every problem found, not just the first."""
+class _ProblemsError(LoraswapError):
+    """An error that carries every problem found, not just the first: ``what`` then one line per problem."""
 
     def __init__(self, what: str, problems: Iterable[str] = ()) -> None:
         self.problems = list(problems)
         message = what if not self.problems else what + ":\n" + "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(message)
+
+
+class InvalidArgumentError(_ProblemsError):
+    """Bad input from the caller (gRPC INVALID_ARGUMENT). Carries every problem found, not just the first."""
 
 
 class AdapterValidationError(InvalidArgumentError):
@@ -36,13 +40,9 @@ class MissingDependencyError(FailedPreconditionError):
     to run (``pip install 'loraswap[s3]'``)."""
 
 
-class IncompatibleAdapterError(FailedPreconditionError):
-    """A well-formed adapter that cannot run on the loaded base (gRPC FAILED_PRECONDITION)."""
-
-    def __init__(self, what: str, problems: Iterable[str] = ()) -> None:
-        self.problems = list(problems)
-        message = what if not self.problems else what + ":\n" + "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(message)
+class IncompatibleAdapterError(FailedPreconditionError, _ProblemsError):
+    """A well-formed adapter that cannot run on the loaded base (gRPC FAILED_PRECONDITION). Carries every
+    problem found."""
 
 
 class ConflictError(LoraswapError):
