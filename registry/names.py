@@ -86,6 +86,12 @@ class Reference:
         return f"{self.name}@{self.digest}" if self.digest else f"{self.name}:{self.tag}"
 
 
+def ref_name(ref: str) -> str:
+    """The name part of ``name``, ``name:tag`` or ``name@sha256:…``, unchecked: for metric labels and
+    route matching, which must not fail on a reference the registry will refuse (:func:`parse_ref`)."""
+    return re.split(r"[:@]", ref, maxsplit=1)[0].strip()
+
+
 def parse_ref(ref: str) -> Reference:
     """Parse ``name``, ``name:tag`` or ``name@sha256:<hex>``; raise :class:`InvalidArgumentError` if bad."""
     if not isinstance(ref, str) or not ref:

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Info, start
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from loraswap.registry.names import ref_name
 from loraswap.server.engine.api import GenerationResult, Tier
 
 if TYPE_CHECKING:
@@ -41,11 +42,6 @@ LORA_INFO_METRIC = "vllm:lora_requests_info"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-def adapter_name(ref: str) -> str:
-    """The name part of ``name``, ``name:tag`` or ``name@sha256:…``."""
-    return ref.split("@", 1)[0].split(":", 1)[0].strip()
 
 
 class Metrics:
@@ -136,7 +132,7 @@ class Metrics:
     # --- labels ---
 
     def adapter_label(self, ref: str) -> str:
-        name = adapter_name(ref)
+        name = ref_name(ref)
         if not name:
             return BASE_LABEL
         return name if name in self.tracked_adapters else OTHER_LABEL

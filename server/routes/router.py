@@ -13,7 +13,6 @@ The table is replaced, never changed in place, so a request reads one consistent
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import threading
 import time
@@ -27,6 +26,7 @@ from loraswap.errors import InvalidArgumentError, LoraswapError, NotFoundError
 from loraswap.merge.builder import merge_adapters
 from loraswap.merge.record import RECORD_FILE
 from loraswap.merge.sources import AdapterSource
+from loraswap.registry.names import ref_name
 from loraswap.server.engine import Engine, EngineConfig
 from loraswap.server.engine.api import AdapterStatus, EngineInfo, GenerationRequest, Tier
 from loraswap.server.routes.route import (
@@ -53,10 +53,6 @@ class RouteObserver(Protocol):
 class _NoObserver:
     def on_promotion(self, outcome: str) -> None:
         pass
-
-
-def adapter_name(ref: str) -> str:
-    return re.split(r"[:@]", ref, maxsplit=1)[0]
 
 
 class Router:
@@ -158,8 +154,8 @@ class Router:
         for route in routes:
             if route.adapter_digest is None and route.spec.ref == ref:
                 return route
-        name = adapter_name(ref)
-        bound = [r for r in routes if r.adapter_digest is not None and adapter_name(r.spec.ref) == name]
+        name = ref_name(ref)
+        bound = [r for r in routes if r.adapter_digest is not None and ref_name(r.spec.ref) == name]
         if not bound:
             return None
         try:
@@ -270,7 +266,7 @@ class Router:
             )
         if record is not None and len(record.adapters) == 1 and record.adapters[0].source == "registry":
             merged = record.adapters[0]
-            if adapter_name(spec.ref) != merged.name:
+            if ref_name(spec.ref) != merged.name:
                 problems.append(f"{spec.model} was merged from adapter {merged.name!r}, not {spec.ref!r}")
             else:
                 try:

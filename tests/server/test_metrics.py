@@ -8,8 +8,9 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 
+from loraswap.registry.names import ref_name
 from loraswap.server.engine.api import GenerationResult, Timings
-from loraswap.server.metrics import Metrics, NvmlUtilization, adapter_name
+from loraswap.server.metrics import Metrics, NvmlUtilization
 
 
 def value(m: Metrics, name: str, **labels: str) -> float:
@@ -18,7 +19,7 @@ def value(m: Metrics, name: str, **labels: str) -> float:
 
 def test_adapter_labels_are_bounded() -> None:
     m = Metrics(tracked_adapters=["support"])
-    assert adapter_name("support@sha256:abc") == "support" and adapter_name("support:prod") == "support"
+    assert ref_name("support@sha256:abc") == "support" and ref_name("support:prod") == "support"
     assert m.adapter_label("support:prod") == "support"
     assert m.adapter_label("anything-else:v2") == "other"
     assert m.adapter_label("") == "base"
