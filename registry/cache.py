@@ -42,7 +42,7 @@ from loraswap import paths
 from loraswap.adapter_format import file_kind, open_adapter_file
 from loraswap.errors import IntegrityError, InvalidArgumentError
 from loraswap.registry.layout import blob_key
-from loraswap.registry.manifest import ADAPTER, MODEL, Manifest
+from loraswap.registry.manifest import ADAPTER, MODEL, Manifest, stream_digest
 from loraswap.registry.names import HEX_RE, digest_hex
 from loraswap.registry.store import ObjectStore, Progress
 
@@ -60,7 +60,7 @@ def file_digest(path: Path) -> str:
         InvalidArgumentError: ``path`` is a link, a pipe, a device or missing (see ``open_adapter_file``).
     """
     with open_adapter_file(path) as handle:
-        return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
+        return stream_digest(handle)
 
 
 def _marker_path(folder: Path) -> Path:

@@ -17,7 +17,6 @@ time a push takes.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import re
 import time
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field
 
 from loraswap.errors import IntegrityError, InvalidArgumentError, LoraswapError, NotFoundError
 from loraswap.registry.layout import ADAPTERS, BLOBS, blob_key, manifest_key, split_adapter_key, tag_target
-from loraswap.registry.manifest import Manifest
+from loraswap.registry.manifest import Manifest, stream_digest
 from loraswap.registry.names import HEX_RE
 from loraswap.registry.store import ObjectStore
 
@@ -136,7 +135,7 @@ def _blob_problems(store: ObjectStore) -> tuple[dict[str, int], set[str], list[s
             continue
         try:
             with contextlib.closing(store.open(info.key)) as stream:
-                actual = "sha256:" + hashlib.file_digest(stream, "sha256").hexdigest()
+                actual = stream_digest(stream)
         except NotFoundError:  # removed meanwhile (gc)
             continue
         except LoraswapError as exc:

@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from loraswap.errors import IntegrityError
 from loraswap.registry.names import DIGEST_RE
@@ -47,6 +47,11 @@ def canonical_json(value: Any) -> bytes:
 def sha256_digest(data: bytes) -> str:
     """``sha256:<hex>`` of ``data``."""
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def stream_digest(handle: BinaryIO) -> str:
+    """``sha256:<hex>`` of everything ``handle`` reads from where it stands (the one file hash)."""
+    return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,13 @@ With ``format="auto"`` the format of a file is taken from the keys of its first 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loraswap.errors import InvalidArgumentError
+from loraswap.registry.manifest import stream_digest
 
 ROLES = ("system", "user", "assistant")
 MAX_REPORTED = 50  # bad lines listed in one error; the rest are counted
@@ -45,8 +45,8 @@ class DataFile:
 
 def file_sha256(path: Path) -> str:
     """``sha256:<hex>`` of a file's bytes."""
-    with open(path, "rb") as handle:
-        return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
+    with open(path, "rb") as handle:  # a link is followed: a training file may be one
+        return stream_digest(handle)
 
 
 def detect_format(record: dict[str, Any]) -> str | None:
