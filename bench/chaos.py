@@ -241,6 +241,7 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def _soak(args: argparse.Namespace, work: Path, base_dir: Path, moto: MotoServer, proxy: FaultProxy) -> dict:
     registry, url = writer_registry(proxy.url), f"s3://{BUCKET}/{PREFIX}"
     plan = quick_plan(args.requests) if args.quick else full_plan(args.requests)
+    plan = [(at, kind) for at, kind in plan if kind in args.faults]
     cold = sum(kind == "server-kill" for _, kind in plan)
     catalog = prepare(work, base_dir, registry, args.adapters, cold, args.seed)
     size = max(p.joinpath("adapter_model.safetensors").stat().st_size for p in catalog.folders.values())
@@ -316,7 +317,7 @@ def report(args: argparse.Namespace, raw: dict[str, Any]) -> dict[str, Any]:
     rss_ok = None if span < args.rss_min_span or slope is None else slope < 1.0
     server = raw["server"]
     checks = {
-        "hung": counts["hung"] + server["stuck_at_end"] == 0,
+        "hung": counts["hung"] == 0 and server["stuck_at_end"] == 0,  # -1: could not tell
         "wrong": not raw["answers"]["wrong"],
         "lost": counts["lost"] == 0,
         "crashes": not server["crashes"],
@@ -365,6 +366,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         preset.add_argument("--" + key.replace("_", "-"), type=kind, default=None, help=text)
     parser.add_argument("--quick", action="store_true", help="a small run of every fault once (tiny model)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--faults",
+        type=lambda text: [k for k in text.split(",") if k],
+        default=list(KINDS),
+        help=f"the fault kinds to inject, comma-separated (default all: {','.join(KINDS)}; '' for none)",
+    )
     parser.add_argument("--new-tokens", type=int, default=4, help="tokens per answer (greedy)")
     parser.add_argument("--stream-share", type=float, default=0.25, help="share of requests that stream")
     parser.add_argument("--tie-tolerance", type=float, default=1e-3, help="logit gap of a near tie")
@@ -388,6 +395,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.requests < 1 or args.clients < 1 or args.adapters < 1:
         parser.error("--requests, --clients and --adapters need values >= 1")
+    if unknown := set(args.faults) - set(KINDS):
+        parser.error(f"unknown fault kinds {sorted(unknown)}; the kinds are {', '.join(KINDS)}")
     return args
 
 

@@ -33,6 +33,9 @@ OK = "OK"
 UNCLEAR = ("INTERNAL", "UNKNOWN")
 VERDICT = {True: "pass", False: "FAIL", None: "n/a"}
 CLIENT_DEADLINE_DETAILS = "Deadline Exceeded"  # grpc's own text when the client's deadline fires
+"""In the details of a DEADLINE_EXCEEDED that gRPC itself raised when the client's deadline passed (alone,
+or as ``Stream removed (Deadline Exceeded)``); the server's own status says ``the request's deadline
+passed``."""
 
 
 @dataclass
@@ -249,7 +252,7 @@ def classify(outcomes: list[Outcome]) -> dict[str, Any]:
     hung = [o for o in outcomes if o.code == HUNG]
     unclear = [o for o in outcomes if o.code in UNCLEAR or not o.code.isupper()]
     deadline = [o for o in outcomes if o.code == "DEADLINE_EXCEEDED"]
-    by_client = sum(o.detail == CLIENT_DEADLINE_DETAILS for o in deadline)
+    by_client = sum(CLIENT_DEADLINE_DETAILS in o.detail for o in deadline)
     examples: dict[str, list[str]] = defaultdict(list)
     for o in outcomes:
         if o.code != OK and len(examples[o.code]) < 3:
@@ -299,8 +302,8 @@ def table(report: dict[str, Any]) -> str:
         f"{'failed with a status':<24}{c['failed']:>8}   unclear (INTERNAL/UNKNOWN/client): {c['unclear']}",
         f"{'wrong':<24}{len(r['answers']['wrong']):>8}",
         f"{'lost (NOT_FOUND)':<24}{c['lost']:>8}",
-        f"{'hung':<24}{c['hung'] + r['server']['stuck_at_end']:>8}   "
-        f"(stuck in the server at the end: {r['server']['stuck_at_end']})",
+        f"{'hung':<24}{c['hung']:>8}   stuck in the server at the end: {r['server']['stuck_at_end']} "
+        "(-1: its metrics could not be read)",
         f"deadline exceeded: {c['deadline_exceeded']}",
         f"server: {r['server']['starts']} starts, {r['server']['kills']} kills, "
         f"{len(r['server']['crashes'])} crashes, exit {r['server']['exit_code']}",

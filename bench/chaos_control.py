@@ -147,11 +147,12 @@ class FaultController:
         with rig.churn.gate:  # nothing is written between the copy and the restore
             objects = rig.moto.snapshot(rig.bucket)
             rig.moto.kill()
+            killed = time.monotonic()
             time.sleep(rig.window_s)
             rig.moto.start()
             rig.moto.restore(rig.bucket, objects)
             rig.proxy.upstream_port = rig.moto.port  # until now: connection refused, then reset
-        return {"objects_kept": len(objects), "down_s": rig.window_s}
+        return {"objects_kept": len(objects), "down_s": round(time.monotonic() - killed, 1)}
 
     def _kill_server(self) -> dict[str, Any]:
         rig = self.rig

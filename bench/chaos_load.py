@@ -192,20 +192,29 @@ class RssSampler:
 def stuck_at_end(metrics_url: str, wait_s: float) -> int:
     """Requests still queued or running in the server, after waiting up to ``wait_s`` for them to go
     (the load is over: anything left is stuck). Counts queued requests, plus one per adapter listed as
-    running or waiting by ``vllm:lora_requests_info``."""
-    from prometheus_client.parser import text_string_to_metric_families
-
+    running or waiting by ``vllm:lora_requests_info``; -1 when the metrics cannot be read (unknown)."""
     deadline = time.monotonic() + wait_s
     while True:
-        text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-        left = 0
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == "loraswap_queue_depth":
-                    left += int(sample.value)
-                elif sample.name == "vllm:lora_requests_info":
-                    for label in ("running_lora_adapters", "waiting_lora_adapters"):
-                        left += len([a for a in sample.labels.get(label, "").split(",") if a])
+        try:
+            left = requests_in_server(urllib.request.urlopen(metrics_url, timeout=10).read().decode())
+        except OSError:
+            left = -1
         if left == 0 or time.monotonic() > deadline:
             return left
         time.sleep(0.5)
+
+
+def requests_in_server(metrics: str) -> int:
+    """Requests queued in the server, plus one per adapter ``vllm:lora_requests_info`` lists as running or
+    waiting, from the text of its metrics endpoint."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    left = 0
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name == "loraswap_queue_depth":
+                left += int(sample.value)
+            elif sample.name == "vllm:lora_requests_info":
+                for label in ("running_lora_adapters", "waiting_lora_adapters"):
+                    left += len([a for a in sample.labels.get(label, "").split(",") if a])
+    return left

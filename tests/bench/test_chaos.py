@@ -31,7 +31,7 @@ from bench.chaos_check import (
     torch_threads,
 )
 from bench.chaos_faults import KINDS, Catalog, corrupt_cache
-from bench.chaos_load import code_of
+from bench.chaos_load import code_of, requests_in_server
 from bench.chaos_net import FaultProxy, free_port
 from loraswap import errors
 from loraswap.server.grpc.client import ServerError
@@ -87,13 +87,14 @@ def test_classify_counts_codes_lost_hung_and_unclear() -> None:
         _outcome(OK), _outcome("UNAVAILABLE"), _outcome("NOT_FOUND"), _outcome("NOT_FOUND", kind="scratch"),
         _outcome(HUNG), _outcome("INTERNAL"), _outcome("AioRpcError"),
         _outcome("DEADLINE_EXCEEDED", detail=CLIENT_DEADLINE_DETAILS),
+        _outcome("DEADLINE_EXCEEDED", detail=f"Stream removed ({CLIENT_DEADLINE_DETAILS})"),
         _outcome("DEADLINE_EXCEEDED", detail="the request's deadline passed"),
     ]  # fmt: skip
     counts = classify(outcomes)
-    assert counts["ok"] == 1 and counts["failed"] == 7 and counts["hung"] == 1
+    assert counts["ok"] == 1 and counts["failed"] == 8 and counts["hung"] == 1
     assert counts["lost"] == 1  # NOT_FOUND for a scratch name is a clear status, not a loss
     assert counts["unclear"] == 2
-    assert counts["deadline_exceeded"] == {"client_deadline": 1, "server_said": 1}
+    assert counts["deadline_exceeded"] == {"client_deadline": 2, "server_said": 1}
 
 
 def test_an_answer_from_another_version_or_of_another_length_is_wrong() -> None:
@@ -272,3 +273,16 @@ def test_answers_are_checked_against_peft_with_the_version_that_answered(
     assert [w["digest"] for w in result["wrong"]] == [f"sha256:{2:064x}"]  # version 2 answering as 1
     assert result["suspects_checked"] == [f"sha256:{2:064x}"]
     assert check_answers(outcomes, catalog, dataclasses.replace(how, max_references=1))["checked"] == 2
+
+
+def test_what_is_left_in_the_server_is_read_from_its_metrics() -> None:
+    metrics = """# HELP loraswap_queue_depth Requests waiting for admission
+# TYPE loraswap_queue_depth gauge
+loraswap_queue_depth 2.0
+# HELP vllm:lora_requests_info Running stats on lora requests.
+# TYPE vllm:lora_requests_info gauge
+vllm:lora_requests_info{max_lora="8",running_lora_adapters="a,b",waiting_lora_adapters=""} 1.7e9
+"""
+    assert requests_in_server(metrics) == 4
+    idle = metrics.replace("2.0", "0.0").replace('"a,b"', '""')
+    assert requests_in_server(idle) == 0
