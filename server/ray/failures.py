@@ -2,12 +2,14 @@
 
 A replica's own error comes back wrapped in Ray's ``RayTaskError`` and is raised as it was; a replica that
 died, or a deployment with none running, is :class:`~loraswap.errors.DrainingError` (UNAVAILABLE: retry);
-a wait that ran past the call's deadline is :class:`~loraswap.errors.DeadlineExceededError`.
+a wait that ran past the call's deadline is :class:`~loraswap.errors.DeadlineExceededError`. A request
+whose replica died is sent again under :func:`replica_retry`.
 """
 
 from __future__ import annotations
 
 from loraswap.errors import DeadlineExceededError, DrainingError
+from loraswap.retry import RetryPolicy
 
 
 def domain_error(exc: BaseException) -> BaseException:
@@ -28,6 +30,15 @@ def domain_error(exc: BaseException) -> BaseException:
 
 def replica_died(exc: BaseException) -> bool:
     """Whether ``exc`` says the replica under a request is gone (so the request may be sent again)."""
+    return isinstance(exc, _replica_gone())
+
+
+def replica_retry(retries: int) -> RetryPolicy:
+    """A request sent ``retries`` more times, at once, while the replica under it dies before it answers."""
+    return RetryPolicy(attempts=retries + 1, retry_on=_replica_gone())
+
+
+def _replica_gone() -> tuple[type[BaseException], ...]:
     from ray import exceptions
 
-    return isinstance(exc, exceptions.RayActorError | exceptions.ActorUnavailableError)
+    return (exceptions.RayActorError, exceptions.ActorUnavailableError)

@@ -21,11 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
 from loraswap.errors import CancelledError, DrainingError, LoraswapError
+from loraswap.retry import Retry, aretry
 from loraswap.server.adapters.resolver import Resolver
 from loraswap.server.engine.api import (
     AdapterStatus,
@@ -44,7 +45,7 @@ from loraswap.server.ray.admin import ReplicaAdmin
 from loraswap.server.ray.calls import ADMIN_SERVICE, INFERENCE_SERVICE, admit, time_left
 from loraswap.server.ray.config import RayAppConfig
 from loraswap.server.ray.deployment import REPLICA_DEPLOYMENT
-from loraswap.server.ray.failures import domain_error, replica_died
+from loraswap.server.ray.failures import domain_error, replica_retry
 from loraswap.server.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -82,12 +83,22 @@ def _sent(request: GenerationRequest) -> tuple[GenerationRequest, float | None]:
     return replace(request, deadline=None), time_left(request.deadline)
 
 
+def _resending(when: str) -> Callable[[Retry], None]:
+    """A ``before_retry`` hook that logs a request sent again after its replica died ``when``."""
+
+    def log_it(event: Retry) -> None:
+        log.warning("a replica died %s; sending it again (%s)", when, type(event.error).__name__)
+
+    return log_it
+
+
 class Dispatcher:
     """Sends generation requests to the engine replicas: resolution, multiplexing, retries."""
 
     def __init__(self, replicas: Any, settings: ServeSettings, config: RayAppConfig) -> None:
         self.replicas, self.settings, self.config = replicas, settings, config
         self.resolver = ingress_resolver(settings)
+        self.retry = replica_retry(config.replica_retries)
 
     def resolve_pair(self, ref: str) -> tuple[str, str]:
         """(name, digest) of ``ref`` now (blocking: registry I/O unless resolved recently)."""
@@ -111,29 +122,31 @@ class Dispatcher:
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Run ``request`` on a replica (domain errors raised as they are)."""
         request, digest = await self.pinned(request)
-        for attempt in range(self.config.replica_retries + 1):
-            try:
-                return await self._handle(digest).generate.remote(*_sent(request))
-            except Exception as exc:
-                if not replica_died(exc) or attempt == self.config.replica_retries:
-                    raise domain_error(exc) from exc
-                log.warning("a replica died under a request; sending it again (%s)", type(exc).__name__)
-        raise AssertionError("unreachable")
+
+        async def send() -> GenerationResult:
+            return await self._handle(digest).generate.remote(*_sent(request))
+
+        try:
+            return await aretry(send, self.retry, before_retry=_resending("under a request"))
+        except Exception as exc:
+            raise domain_error(exc) from exc
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         """Stream ``request``'s events from a replica; sent again if its replica dies before the first."""
         request, digest = await self.pinned(request)
-        for attempt in range(self.config.replica_retries + 1):
-            started = False
-            try:
-                async for event in self._handle(digest, stream=True).generate_stream.remote(*_sent(request)):
-                    started = True
+
+        async def first() -> tuple[AsyncIterator[TokenEvent], TokenEvent | None]:
+            events = aiter(self._handle(digest, stream=True).generate_stream.remote(*_sent(request)))
+            return events, await anext(events, None)
+
+        try:
+            events, event = await aretry(first, self.retry, before_retry=_resending("before streaming"))
+            if event is not None:
+                yield event
+                async for event in events:
                     yield event
-                return
-            except Exception as exc:
-                if started or not replica_died(exc) or attempt == self.config.replica_retries:
-                    raise domain_error(exc) from exc
-                log.warning("a replica died before streaming; sending the request again")
+        except Exception as exc:
+            raise domain_error(exc) from exc
 
     async def info(self) -> EngineInfo:
         return await self.replicas.options(stream=False).info.remote()
