@@ -77,3 +77,11 @@ class CancelledError(LoraswapError):
 
 class DeadlineExceededError(LoraswapError):
     """The caller's deadline passed before the request finished; its work was dropped."""
+
+
+class UnauthenticatedError(LoraswapError):
+    """No bearer token, or one the server does not know (gRPC UNAUTHENTICATED, HTTP 401)."""
+
+
+class PermissionDeniedError(LoraswapError):
+    """A valid token that does not allow this call (gRPC PERMISSION_DENIED, HTTP 403)."""

@@ -22,7 +22,6 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -32,6 +31,8 @@ from loraswap.server.engine.api import GenerationResult, Tier
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
+
+    import grpc  # a finished call's code, read by name only
 
 log = logging.getLogger(__name__)
 

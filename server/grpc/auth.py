@@ -1,70 +1,17 @@
-"""Bearer-token checks per call: inference tokens for ``Inference``, admin tokens for ``Admin`` (and both).
-
-Health checks and server reflection stay open so that probes and off-the-shelf tools work without a
-token. The interceptor raises the two errors below; the table in :mod:`loraswap.server.grpc.status` maps
-them to UNAUTHENTICATED and PERMISSION_DENIED like every other error, and the client raises them back.
-"""
+"""The gRPC side of bearer tokens: an interceptor that runs :class:`~loraswap.server.auth.TokenAuth` before
+each call (the rule itself lives in :mod:`loraswap.server.auth`, shared with the HTTP edge)."""
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from loraswap.errors import LoraswapError
+from loraswap.server.auth import TokenAuth, bearer_token
 
-API_PREFIX = "/loraswap.v1."
-ADMIN_PREFIX = "/loraswap.v1.Admin/"
-
-
-class UnauthenticatedError(LoraswapError):
-    """No bearer token, or one the server does not know (gRPC UNAUTHENTICATED)."""
-
-
-class PermissionDeniedError(LoraswapError):
-    """A valid token that does not allow this call (gRPC PERMISSION_DENIED)."""
-
-
-def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
-    """The token of an ``authorization: Bearer <token>`` metadata entry, if any."""
-    for key, value in metadata or ():
-        if key.lower() == "authorization" and isinstance(value, str):
-            scheme, _, token = value.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-    return None
-
-
-def _known(token: str, tokens: Iterable[str]) -> bool:
-    # compare against every token, so that timing does not tell which one nearly matched
-    return any([hmac.compare_digest(token.encode(), t.encode()) for t in tokens])
-
-
-class TokenAuth:
-    """Decides whether a call may proceed; raises the errors above otherwise."""
-
-    def __init__(self, inference_tokens: Iterable[str] = (), admin_tokens: Iterable[str] = ()) -> None:
-        self.inference_tokens = tuple(inference_tokens)
-        self.admin_tokens = tuple(admin_tokens)
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.inference_tokens or self.admin_tokens)
-
-    def check(self, method: str, metadata: Iterable[tuple[str, Any]] | None) -> None:
-        if not self.enabled or not method.startswith(API_PREFIX):
-            return
-        token = bearer_token(metadata)
-        if token is None:
-            raise UnauthenticatedError("missing bearer token (metadata 'authorization: Bearer <token>')")
-        if _known(token, self.admin_tokens):
-            return
-        if not _known(token, self.inference_tokens):
-            raise UnauthenticatedError("unknown bearer token")
-        if method.startswith(ADMIN_PREFIX):
-            raise PermissionDeniedError("this token may call Inference only; Admin needs an admin token")
+__all__ = ["AuthInterceptor", "TokenAuth", "bearer_token"]
 
 
 class AuthInterceptor(grpc.ServerInterceptor):

@@ -17,7 +17,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from loraswap.server.grpc.auth import AuthInterceptor, TokenAuth
+from loraswap.server.auth import TokenAuth
+from loraswap.server.grpc.auth import AuthInterceptor
 from loraswap.server.grpc.interceptors import ErrorInterceptor
 from loraswap.server.grpc.pb import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from loraswap.server.grpc.reflection import enable_reflection

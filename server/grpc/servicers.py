@@ -14,7 +14,8 @@ from typing import Any
 
 import grpc
 
-from loraswap.errors import DrainingError, InvalidArgumentError
+from loraswap.errors import InvalidArgumentError
+from loraswap.server.engine_slot import EngineSlot, route_statuses, routed_to
 from loraswap.server.grpc import convert
 from loraswap.server.grpc.pb import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from loraswap.server.limits import InFlight
@@ -42,18 +43,6 @@ def _once(fn: Callable[[], None]) -> Callable[[], None]:
         fn()
 
     return call
-
-
-class EngineSlot:
-    """The engine, once the base model is loaded; until then calls get UNAVAILABLE."""
-
-    def __init__(self) -> None:
-        self.engine: Any = None
-
-    def get(self) -> Any:
-        if self.engine is None:
-            raise DrainingError("the server is starting: the base model is still loading")
-        return self.engine
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -140,15 +129,3 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         if not hasattr(engine, "promote"):
             raise InvalidArgumentError("this server has no route table")
         return engine
-
-
-def routed_to(engine: Any) -> dict[str, str]:
-    """Adapter digest → the merged model its route serves, for an engine behind a route table (empty
-    for a bare engine)."""
-    if not hasattr(engine, "routed_to"):
-        return {}
-    return {digest: route.spec.model for digest, route in engine.routed_to().items()}
-
-
-def route_statuses(engine: Any) -> list[Any]:
-    return engine.route_statuses() if hasattr(engine, "route_statuses") else []

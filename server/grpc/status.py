@@ -1,9 +1,10 @@
-"""The one table between domain errors and gRPC status codes, read by both ends of a call.
+"""Domain errors ↔ gRPC status codes, read by both ends of a call: the gRPC column of the one table
+(:mod:`loraswap.server.status`).
 
 The server's :class:`~loraswap.server.grpc.interceptors.ErrorInterceptor` turns a raised error into its
 code with :func:`status_for`; the client (:mod:`loraswap.server.grpc.client`) turns a code back into the
-error class with :func:`error_class_for`. Each code appears once, so the two directions are inverse,
-with two documented exceptions:
+error class with :func:`error_class_for`. The two directions are inverse, with two documented exceptions
+(where several rows share a code, the client raises their common base):
 
 * Subclasses travel as their table ancestor: :class:`~loraswap.errors.AdapterValidationError` is sent
   as INVALID_ARGUMENT and comes back as :class:`~loraswap.errors.InvalidArgumentError`;
@@ -11,8 +12,8 @@ with two documented exceptions:
   :class:`~loraswap.errors.FailedPreconditionError`.
 * UNAVAILABLE is sent for :class:`~loraswap.errors.UnavailableError` (a draining server, an unreachable
   registry) but the client does not turn it back into one: gRPC itself reports UNAVAILABLE when no
-  server answers (connection refused, TLS mismatch),
-  so a client cannot tell a draining server from an absent one (:data:`SERVER_ONLY_CODES`).
+  server answers (connection refused, TLS mismatch), so a client cannot tell a draining server from an
+  absent one (:data:`SERVER_ONLY_CODES`).
 """
 
 from __future__ import annotations
@@ -20,29 +21,25 @@ from __future__ import annotations
 import grpc
 
 from loraswap import errors
-from loraswap.server.grpc.auth import PermissionDeniedError, UnauthenticatedError
+from loraswap.server.status import INTERNAL_MESSAGE, STATUSES
 
-# Most specific first: the first class an exception is an instance of wins.
-STATUS_TABLE: tuple[tuple[type[errors.LoraswapError], grpc.StatusCode], ...] = (
-    (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
-    (errors.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.UnavailableError, grpc.StatusCode.UNAVAILABLE),
-    (errors.ConflictError, grpc.StatusCode.ABORTED),
-    (errors.IntegrityError, grpc.StatusCode.DATA_LOSS),
-    (errors.CancelledError, grpc.StatusCode.CANCELLED),
-    (errors.DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
-    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+__all__ = ["INTERNAL_MESSAGE", "SERVER_ONLY_CODES", "STATUS_TABLE", "error_class_for", "status_for"]
+
+STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode], ...] = tuple(
+    (row.error, grpc.StatusCode[row.grpc]) for row in STATUSES
 )
+"""The gRPC column of :data:`loraswap.server.status.STATUSES`, most specific first."""
 SERVER_ONLY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 """Codes the server sends for a table entry but the client leaves as a generic error (see above)."""
 
-INTERNAL_MESSAGE = "internal error"
-"""Details of an INTERNAL status: the exception's own text may carry internals and is only logged."""
 
-_ERROR_BY_CODE = {code: cls for cls, code in STATUS_TABLE if code not in SERVER_ONLY_CODES}
+def _most_general(code: grpc.StatusCode) -> type[Exception]:
+    """The class the client raises for ``code``: the one every other row with ``code`` derives from."""
+    classes = [cls for cls, c in STATUS_TABLE if c == code]
+    return next(cls for cls in classes if all(issubclass(other, cls) for other in classes))
+
+
+_ERROR_BY_CODE = {code: _most_general(code) for _, code in STATUS_TABLE if code not in SERVER_ONLY_CODES}
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:

@@ -1,15 +1,15 @@
 """The FastAPI app: ``/v1/completions`` and ``/v1/chat/completions`` (JSON or server-sent events), and
 ``/v1/models``.
 
-Every error is an OpenAI error object ``{"error": {"message", "type", "param", "code"}}`` with the status
-of :data:`STATUS`. Requests are counted in :class:`~loraswap.server.metrics.Metrics` by path and status.
+Every error is an OpenAI error object ``{"error": {"message", "type", "param", "code"}}`` with the HTTP
+status, type and code of :mod:`loraswap.server.status` (the table the gRPC edge reads too). Requests are
+counted in :class:`~loraswap.server.metrics.Metrics` by path and status.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import queue
 import time
@@ -25,39 +25,17 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraswap import errors
+from loraswap.server.auth import TokenAuth
 from loraswap.server.engine.api import GenerationResult, TokenEvent
-from loraswap.server.grpc.auth import PermissionDeniedError, TokenAuth, UnauthenticatedError
-from loraswap.server.grpc.servicers import EngineSlot, routed_to
+from loraswap.server.engine_slot import EngineSlot, routed_to
 from loraswap.server.http import convert, models
 from loraswap.server.limits import InFlight
 from loraswap.server.metrics import Metrics
 from loraswap.server.settings import ServeSettings
+from loraswap.server.status import status_of
 
 PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
 """Every path the app serves, each a ``method`` label of the request metrics."""
-STATUS: tuple[tuple[type[Exception], int, str], ...] = (
-    (UnauthenticatedError, 401, "authentication_error"),
-    (PermissionDeniedError, 403, "permission_error"),
-    (errors.NotFoundError, 404, "not_found_error"),
-    (errors.InvalidArgumentError, 400, "invalid_request_error"),
-    (errors.IncompatibleAdapterError, 422, "invalid_request_error"),
-    (errors.FailedPreconditionError, 503, "service_unavailable"),
-    (errors.OverloadedError, 429, "rate_limit_error"),
-    (errors.DrainingError, 503, "service_unavailable"),
-    (errors.UnavailableError, 503, "service_unavailable"),
-    (errors.DeadlineExceededError, 504, "timeout"),
-    (errors.LoraswapError, 500, "server_error"),
-)
-"""Domain error → HTTP status and OpenAI error ``type`` (the first matching class wins)."""
-CODES = {404: "model_not_found", 429: "overloaded", 401: "invalid_api_key"}
-CODE_BY_CLASS: tuple[tuple[type[Exception], str], ...] = (
-    (errors.DrainingError, "draining"),
-    (errors.RegistryUnavailableError, "registry_unavailable"),
-    (errors.MissingDependencyError, "missing_dependency"),
-)
-"""The OpenAI error ``code`` of errors that share a status with others (first match wins)."""
-
-
 def error_response(
     status: int, kind: str, message: str, param: str | None = None, code: str | None = None
 ) -> JSONResponse:
@@ -66,29 +44,11 @@ def error_response(
 
 
 def _error_of(exc: Exception) -> JSONResponse:
-    for cls, status, kind in STATUS:
-        if isinstance(exc, cls):
-            code = next((c for k, c in CODE_BY_CLASS if isinstance(exc, k)), CODES.get(status))
-            return error_response(status, kind, str(exc), "model" if status == 404 else None, code)
-    return error_response(500, "server_error", f"internal error: {type(exc).__name__}")
-
-
-def authorize(auth: TokenAuth, header: str | None) -> None:
-    """Inference tokens only: no token or an unknown one is 401, an admin token (gRPC Admin's) is 403."""
-    if not auth.enabled:
-        return
-    scheme, _, token = (header or "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        raise UnauthenticatedError("missing bearer token (header 'Authorization: Bearer <token>')")
-    known = [hmac.compare_digest(token.encode(), t.encode()) for t in auth.inference_tokens]
-    if any(known):
-        return
-    if any([hmac.compare_digest(token.encode(), t.encode()) for t in auth.admin_tokens]):
-        raise PermissionDeniedError(
-            "admin tokens are for the gRPC Admin service; HTTP takes inference tokens"
-        )
-    raise UnauthenticatedError("unknown bearer token")
+    """The OpenAI error object for ``exc``, as :mod:`loraswap.server.status` says (500 outside it)."""
+    row = status_of(exc)
+    if row is None:
+        return error_response(500, "server_error", f"internal error: {type(exc).__name__}")
+    return error_response(row.http, row.kind, str(exc), "model" if row.http == 404 else None, row.code)
 
 
 class CallMetrics:
@@ -158,7 +118,7 @@ def create_app(
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> models.ModelList:
-        authorize(auth, request.headers.get("authorization"))
+        auth.check_http(request.headers.get("authorization"))
         engine = slot.get()
         info = engine.info()
         base = {"kind": "base", "fingerprint": info.base_fingerprint, "quantization": info.quantization}
@@ -184,7 +144,7 @@ def create_app(
     async def _generate(
         body: models.CompletionRequest | models.ChatCompletionRequest, request: Request, chat: bool
     ) -> Any:
-        authorize(auth, request.headers.get("authorization"))
+        auth.check_http(request.headers.get("authorization"))
         engine = slot.get()
         req = convert.request_from_body(body, settings, engine.info().base_model)
         admission.acquire()

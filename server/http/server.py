@@ -8,7 +8,7 @@ import threading
 
 import uvicorn
 
-from loraswap.server.grpc.servicers import EngineSlot
+from loraswap.server.engine_slot import EngineSlot
 from loraswap.server.http.app import create_app
 from loraswap.server.limits import InFlight
 from loraswap.server.metrics import Metrics

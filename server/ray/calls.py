@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraswap.errors import DeadlineExceededError, InvalidArgumentError
-from loraswap.server.grpc.auth import TokenAuth
+from loraswap.server.auth import TokenAuth
 from loraswap.server.ray.grpc_proxy import TIME_REMAINING_KEY
 
 INFERENCE_SERVICE = "loraswap.v1.Inference"

@@ -10,8 +10,8 @@ import time
 import grpc
 import grpc.aio
 
+from loraswap.server.auth import TokenAuth
 from loraswap.server.engine.api import AdapterStatus
-from loraswap.server.grpc.auth import TokenAuth
 from loraswap.server.ray.admin import merge_statuses
 from loraswap.server.ray.calls import INFERENCE_SERVICE, Call, admit
 from loraswap.server.ray.grpc_proxy import TIME_REMAINING_KEY, forwarding_deadline

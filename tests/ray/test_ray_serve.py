@@ -40,9 +40,13 @@ from serve_cluster import (  # noqa: E402
 )
 
 from loraswap.devtools.tiny import make_peft_adapter  # noqa: E402
-from loraswap.errors import FailedPreconditionError, NotFoundError  # noqa: E402
+from loraswap.errors import (  # noqa: E402  # noqa: E402
+    FailedPreconditionError,
+    NotFoundError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+)
 from loraswap.models import resolve_base  # noqa: E402
-from loraswap.server.grpc.auth import PermissionDeniedError, UnauthenticatedError  # noqa: E402
 from loraswap.server.grpc.pb import inference_pb2  # noqa: E402
 from loraswap.server.metrics import LORA_INFO_METRIC  # noqa: E402
 from loraswap.server.ray.config import APP_NAME  # noqa: E402

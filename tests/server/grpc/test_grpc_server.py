@@ -17,11 +17,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from loraswap import errors
+from loraswap.errors import PermissionDeniedError, UnauthenticatedError
 from loraswap.models import resolve_base
 from loraswap.registry import open_registry
 from loraswap.server.engine import Engine, EngineConfig
 from loraswap.server.engine.api import GenerationRequest, SamplingParams
-from loraswap.server.grpc.auth import PermissionDeniedError, UnauthenticatedError
 from loraswap.server.grpc.client import AsyncClient, Client, ServerError
 from loraswap.server.grpc.pb import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from loraswap.server.grpc.server import GrpcServer
