@@ -8,6 +8,8 @@ reported success).
 
 The protocol: **whoever writes a key checks the other key afterwards.**
 
+* A tag moves by compare-and-swap (:func:`move_tag`): read it, write it if it still holds what was read;
+  a lost race is tried again after a short random wait (:func:`tag_retry`), ``retries`` times at most.
 * A tag writer (``push``, ``tag``), after moving its tags, checks that the manifest is still there
   (:func:`point_tags`). If it is gone, a push writes it again (same content, same digest: the bytes are
   safe to rewrite), uploads any blob that went meanwhile, moves its tags again and checks again, up to
@@ -41,8 +43,13 @@ from loraswap.errors import ConflictError, NotFoundError
 from loraswap.registry.layout import blob_key, manifest_key, tag_document, tag_key, tag_target
 from loraswap.registry.manifest import Manifest
 from loraswap.registry.store import ObjectStore
+from loraswap.retry import Retry, RetryPolicy, retry
 
 log = logging.getLogger(__name__)
+TAG_BACKOFF_S = 0.01
+"""Longest wait before a tag's first compare-and-swap retry (the waits double from there)."""
+TAG_MAX_BACKOFF_S = 0.2
+"""Longest wait before any tag compare-and-swap retry."""
 
 
 def read_tag(store: ObjectStore, name: str, tag: str) -> tuple[str, str] | None:
@@ -55,9 +62,18 @@ def read_tag(store: ObjectStore, name: str, tag: str) -> tuple[str, str] | None:
     return tag_target(data, key), etag
 
 
+def tag_retry(retries: int) -> RetryPolicy:
+    """The policy of a tag's compare-and-swap: ``retries`` more tries after a lost race, each after a
+    random wait of up to :data:`TAG_BACKOFF_S` seconds, doubling per retry up to :data:`TAG_MAX_BACKOFF_S`
+    (full jitter), so that writers that collided do not read and write again in step."""
+    return RetryPolicy(
+        attempts=retries + 1, retry_on=(ConflictError,), backoff=TAG_BACKOFF_S, max_backoff=TAG_MAX_BACKOFF_S
+    )
+
+
 def move_tag(store: ObjectStore, name: str, tag: str, digest: str, retries: int) -> str | None:
     """Point ``name:tag`` at ``digest`` by compare-and-swap, re-reading after a lost race (a tag move
-    does not depend on the old value, so retrying is safe).
+    does not depend on the old value, so retrying is safe) under :func:`tag_retry`.
 
     Returns:
         The etag this call wrote, or ``None`` if the tag already named ``digest``.
@@ -66,17 +82,17 @@ def move_tag(store: ObjectStore, name: str, tag: str, digest: str, retries: int)
         ConflictError: The tag changed under this call ``retries + 1`` times.
     """
     key = tag_key(name, tag)
-    lost = 0
-    while True:
+
+    def swap() -> str | None:
         current = read_tag(store, name, tag)
         if current is not None and current[0] == digest:
             return None
-        try:
-            return store.compare_and_swap(key, tag_document(digest), current and current[1])
-        except ConflictError:
-            lost += 1
-            if lost > retries:
-                raise
+        return store.compare_and_swap(key, tag_document(digest), current and current[1])
+
+    def lost(event: Retry) -> None:
+        log.debug("%s:%s changed under this write; trying again in %.3f s", name, tag, event.wait)
+
+    return retry(swap, tag_retry(retries), before_retry=lost)
 
 
 def upload_missing_blobs(store: ObjectStore, manifest: Manifest, folder: Path) -> None:

@@ -39,10 +39,19 @@ from typing import BinaryIO
 from loraswap.adapter_format import open_adapter_file
 from loraswap.errors import ConflictError, InvalidArgumentError, NotFoundError
 from loraswap.registry.store import ObjectInfo, ObjectStore, Progress, StoreError, check_key
+from loraswap.retry import RetryPolicy, retry
 
 _CHUNK = 1 << 20
 LOCK_STRIPES = 256
 """Lock files under ``<root>/.locks/``: a key's stripe is the first byte of the sha256 of its name."""
+
+
+class _TempTaken(Exception):
+    """A temporary file was removed by ``gc`` before its writer locked it: take another name."""
+
+
+_TEMP_RETRY = RetryPolicy(attempts=3, retry_on=(_TempTaken,))
+"""Fresh temporary names tried, at once, before a write gives up."""
 
 
 def _etag(data: bytes) -> str:
@@ -86,20 +95,12 @@ class LocalStore(ObjectStore):
     def _temp_file(self, data: bytes | Path, progress: Progress | None) -> Iterator[Path]:
         """A fresh temporary file holding ``data`` (fsynced), locked against ``gc`` while in use; it is
         removed afterwards unless the caller renamed it away."""
-        for _ in range(3):
-            temp = self.root / ".tmp" / uuid.uuid4().hex
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
-            out = os.fdopen(fd, "wb")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:  # gc removes a temp file only while it holds its lock: is the name still ours?
-                still_ours = os.stat(temp).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                still_ours = False
-            if still_ours:
-                break
-            out.close()  # a gc removed it between its creation and the lock: take another name
-        else:
-            raise StoreError(f"{self.url}: cannot create a temporary file (removed three times by gc)")
+        try:
+            temp, out = retry(self._locked_temp, _TEMP_RETRY)
+        except _TempTaken:
+            raise StoreError(
+                f"{self.url}: cannot create a temporary file (removed {_TEMP_RETRY.attempts} times by gc)"
+            ) from None
         try:
             with out:
                 self._fill(out, data, progress)
@@ -107,6 +108,25 @@ class LocalStore(ObjectStore):
         finally:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
+
+    def _locked_temp(self) -> tuple[Path, BinaryIO]:
+        """A new temporary file under a fresh name, open and locked.
+
+        Raises:
+            _TempTaken: A ``gc`` removed it between its creation and the lock.
+        """
+        temp = self.root / ".tmp" / uuid.uuid4().hex
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        out = os.fdopen(fd, "wb")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:  # gc removes a temp file only while it holds its lock: is the name still ours?
+            still_ours = os.stat(temp).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            still_ours = False
+        if not still_ours:
+            out.close()
+            raise _TempTaken(temp)
+        return temp, out
 
     @staticmethod
     def _fill(out: BinaryIO, data: bytes | Path, progress: Progress | None) -> None:

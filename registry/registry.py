@@ -129,7 +129,8 @@ class Registry:
         max_bytes: Largest adapter accepted by ``push`` (a positive integer; anything else raises
             :class:`InvalidArgumentError`).
         tag_retries: How often a tag move re-reads and retries after losing a compare-and-swap race
-            (a tag move does not depend on the old value, so retrying is safe); then ConflictError.
+            (a tag move does not depend on the old value, so retrying is safe), each retry after a short
+            random wait (:func:`~loraswap.registry.consistency.tag_retry`); then ConflictError.
         progress: Show tqdm progress bars on stderr for uploads and downloads.
     """
 
