@@ -219,15 +219,37 @@ def test_more_adapters_than_slots_all_finish_correctly(
         wide.stop(drain_timeout=5)
 
 
-def test_request_joins_while_others_decode(engine: Engine, greedy) -> None:
-    long = [engine.submit(GenerationRequest(adapter="r4-qv", prompt=p, sampling=greedy(60))) for p in PROMPTS]
-    next(long[0].events(timeout=30))  # the first batch is decoding
-    late = engine.submit(GenerationRequest(adapter="r8-all", prompt=PROMPTS[1], sampling=greedy(2)))
-    late_result = late.result(timeout=30)
-    assert late_result.completion_tokens == 2
-    assert any(h.state.output_ids and len(h.state.output_ids) < 60 for h in long)  # joined mid-flight
-    for handle in long:
-        assert handle.result(timeout=60).completion_tokens == 60
+def test_request_joins_while_others_decode(tiny_base: Path, registry_with_adapters, greedy) -> None:
+    """A request that arrives while a batch decodes joins it at a step boundary and finishes first: the
+    test steps the engine itself, so the order is the engine's, not the clock's."""
+    config = EngineConfig(
+        base=str(tiny_base), quantization="fp32", adapter_slots=8, max_rank=32, max_batch_size=16,
+        max_seq_len=96,
+    )  # fmt: skip
+    engine = Engine(config, registry=registry_with_adapters[0])  # not started: stepped below
+
+    def step() -> None:
+        with engine.step_lock:
+            engine.take_incoming()
+            engine.step()
+
+    try:
+        long = [
+            engine.submit(GenerationRequest(adapter="r4-qv", prompt=p, sampling=greedy(60))) for p in PROMPTS
+        ]
+        while not all(h.state.output_ids for h in long):  # the first batch is decoding
+            step()
+        late = engine.submit(GenerationRequest(adapter="r8-all", prompt=PROMPTS[1], sampling=greedy(2)))
+        while len(late.state.output_ids) < 2:
+            step()
+        assert late.result(timeout=30).completion_tokens == 2
+        decoded = [len(h.state.output_ids) for h in long]
+        assert all(0 < n < 60 for n in decoded), decoded  # it joined them mid-flight and left first
+        while any(len(h.state.output_ids) < 60 for h in long):
+            step()
+        assert [h.result(timeout=30).completion_tokens for h in long] == [60] * len(long)
+    finally:
+        engine.stop(drain_timeout=0)
 
 
 def test_streaming_events_add_up_to_the_result(engine: Engine, greedy) -> None:
