@@ -3,7 +3,8 @@
 Every field of :class:`ServeSettings` and of the embedded :class:`EngineConfig` is one flag
 (``--max-new-tokens``), one environment variable (``LORASWAP_MAX_NEW_TOKENS``) and one YAML key
 (serve fields at the top level, engine fields at the top level or under ``engine:``). The help text of
-each flag is the field's entry in the class docstring (:func:`loraswap.docfields.field_docs`).
+each flag is the field's entry in the class docstring (:func:`loraswap.docfields.field_docs`). The layering
+and the coercion of values are :mod:`loraswap.config_layers`.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loraswap.config_layers import env_layer, field_types, flatten_nested, from_layers, read_yaml
 from loraswap.docfields import field_docs, help_text
 from loraswap.errors import InvalidArgumentError
 from loraswap.server.engine import EngineConfig
@@ -143,64 +144,10 @@ class ServeSettings:
         return [(n, getattr(self, n)) for n in ("tls_cert", "tls_key", "tls_client_ca") if getattr(self, n)]
 
 
-def _fields(cls: type) -> dict[str, Any]:
-    """Name → resolved type hint of every dataclass field of ``cls``."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-SERVE_FIELDS = {k: v for k, v in _fields(ServeSettings).items() if k != "engine"}
-ENGINE_FIELDS = _fields(EngineConfig)
-assert not SERVE_FIELDS.keys() & ENGINE_FIELDS.keys(), "serve and engine fields must not share names"
-
-
-def coerce(name: str, value: Any, hint: Any) -> Any:
-    """Convert a flag/env/YAML value to the field's type; raise InvalidArgumentError when it does not fit."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    if optional:
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
-            return None
-        hint = args[0]
-    try:
-        if typing.get_origin(hint) is tuple:
-            if isinstance(value, Mapping):  # YAML ``routes: {REF: MODEL}``
-                value = [f"{k}={v}" for k, v in value.items()]
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return tuple(str(i).strip() for i in items if str(i).strip())
-        if hint is bool:
-            if isinstance(value, str):
-                if value.strip().lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                    raise ValueError(value)
-                return value.strip().lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        if hint is int and isinstance(value, float | bool):
-            raise ValueError(value)
-        return hint(value)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(
-            f"{name}: cannot read {value!r} as {getattr(hint, '__name__', hint)}"
-        ) from None
-
-
-def _from_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    import yaml
-
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise InvalidArgumentError(f"config file {path}: expected a mapping at the top level")
-    engine = data.pop("engine", None) or {}
-    if not isinstance(engine, dict):
-        raise InvalidArgumentError(f"config file {path}: 'engine' must be a mapping")
-    unknown = sorted((data.keys() | engine.keys()) - SERVE_FIELDS.keys() - ENGINE_FIELDS.keys())
-    if unknown or engine.keys() & SERVE_FIELDS.keys():
-        raise InvalidArgumentError(f"config file {path}: unknown keys", unknown or sorted(engine))
-    return {**data, **engine}
-
-
-def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
-    names = SERVE_FIELDS.keys() | ENGINE_FIELDS.keys()
-    return {n: env[ENV_PREFIX + n.upper()] for n in names if ENV_PREFIX + n.upper() in env}
+FIELDS = field_types(ServeSettings)
+"""Every setting's flat name → type: the serve fields and the engine's (checked here, at import)."""
+ENGINE_FIELDS = field_types(EngineConfig)
+SERVE_FIELDS = {k: v for k, v in FIELDS.items() if k not in ENGINE_FIELDS}
 
 
 def load_settings(
@@ -208,32 +155,28 @@ def load_settings(
     config_file: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> ServeSettings:
-    """Merge the sources (flags > env > YAML > defaults), check them, and return the settings.
+    """Merge the sources (flags > env > YAML > defaults), check them, and return the settings
+    (:func:`loraswap.config_layers.from_layers`).
 
     Args:
         flags: Field name → value given on the command line (absent or None = not given).
-        config_file: Optional YAML file.
+        config_file: Optional YAML file (engine fields at the top level or under ``engine:``).
         env: Environment (default ``os.environ``); ``LORASWAP_<FIELD>`` variables are read.
 
     Raises:
-        InvalidArgumentError: listing every unreadable or invalid value.
+        InvalidArgumentError: listing every unknown, unreadable or invalid value.
     """
-    merged: dict[str, Any] = _from_yaml(config_file) if config_file else {}
-    merged.update(_from_env(os.environ if env is None else env))
-    merged.update({k: v for k, v in (flags or {}).items() if v is not None})
-    values: dict[str, Any] = {}
-    problems: list[str] = []
-    for name, value in merged.items():
-        hint = SERVE_FIELDS.get(name) or ENGINE_FIELDS.get(name)
-        if hint is None:
-            problems.append(f"unknown setting {name!r}")
-            continue
-        try:
-            values[name] = coerce(name, value, hint)
-        except InvalidArgumentError as exc:
-            problems.append(str(exc))
-    engine = EngineConfig(**{k: v for k, v in values.items() if k in ENGINE_FIELDS})
-    settings = ServeSettings(engine=engine, **{k: v for k, v in values.items() if k in SERVE_FIELDS})
+    config = {}
+    if config_file:
+        config = flatten_nested(
+            ServeSettings, read_yaml(config_file, "config file"), f"config file '{config_file}'"
+        )
+    settings, problems = from_layers(
+        ServeSettings,
+        config,
+        env_layer(ServeSettings, ENV_PREFIX, os.environ if env is None else env),
+        {k: v for k, v in (flags or {}).items() if v is not None},
+    )
     problems += settings.problems()
     if problems:
         raise InvalidArgumentError("invalid serve settings", problems)
@@ -265,8 +208,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The field values given on the command line."""
-    names = SERVE_FIELDS.keys() | ENGINE_FIELDS.keys()
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    return {n: getattr(args, n) for n in FIELDS if getattr(args, n, None) is not None}
 
 
 def _default(f: dataclasses.Field) -> Any:

@@ -2,16 +2,17 @@
 
 Key names follow Axolotl / LLaMA-Factory (``lora_r``, ``micro_batch_size``, ``num_epochs`` …); a few of
 their other spellings are accepted as aliases (see ``ALIASES``). Unknown keys are an error naming them.
+Flags override the recipe; values are coerced to the fields' types by :mod:`loraswap.config_layers`.
 """
 
 from __future__ import annotations
 
-import difflib
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from loraswap.adapter_format import SUPPORTED_TARGETS
+from loraswap.config_layers import field_types, from_layers, read_yaml, unknown_keys
 from loraswap.errors import InvalidArgumentError
 
 DATA_FORMATS = ("auto", "prompt_completion", "chat", "text")
@@ -116,15 +117,23 @@ class TrainConfig:
         doc["lora_target_modules"] = list(self.lora_target_modules)
         return doc
 
-    def validate(self) -> None:
-        """Raise InvalidArgumentError listing every problem of this configuration."""
+    def problems(self) -> list[str]:
+        """Every problem of this configuration, as readable messages (empty when valid)."""
         problems = _range_problems(self) + _choice_problems(self)
         if not self.data:
             problems.append("no training data: give --data or 'data' in the recipe")
         if not self.output:
             problems.append("no output folder: give --output or 'output' in the recipe")
-        if problems:
+        return problems
+
+    def validate(self) -> None:
+        """Raise InvalidArgumentError listing every problem of this configuration."""
+        if problems := self.problems():
             raise InvalidArgumentError("invalid training configuration", problems)
+
+
+FIELDS = field_types(TrainConfig)
+"""Field name → type (checked here, at import: :mod:`loraswap.config_layers` reads every one)."""
 
 
 def _range_problems(cfg: TrainConfig) -> list[str]:
@@ -166,70 +175,35 @@ def _choice_problems(cfg: TrainConfig) -> list[str]:
 
 
 def field_names() -> tuple[str, ...]:
-    return tuple(f.name for f in fields(TrainConfig))
+    return tuple(FIELDS)
 
 
 def normalise_keys(doc: dict[str, Any], source: str) -> dict[str, Any]:
     """Map aliases to our key names; raise InvalidArgumentError naming every unknown key."""
-    names = field_names()
-    out: dict[str, Any] = {}
-    problems = []
-    for key, value in doc.items():
-        name = ALIASES.get(key, key)
-        if name in names:
-            out[name] = value
-            continue
-        close = difflib.get_close_matches(str(key), names + tuple(ALIASES), n=1)
-        problems.append(f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    problems = unknown_keys([k for k in doc if ALIASES.get(k, k) not in FIELDS], (*FIELDS, *ALIASES))
     if problems:
         raise InvalidArgumentError(f"{source} has unknown keys", problems)
-    return out
-
-
-def _coerce(name: str, value: Any) -> Any:
-    """Turn YAML/CLI values into the field's type (lists of modules, numbers written as strings)."""
-    if name == "lora_target_modules":
-        items = value.split(",") if isinstance(value, str) else list(value)
-        return tuple(str(v).strip() for v in items if str(v).strip())
-    default = next(f.default for f in fields(TrainConfig) if f.name == name)
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise InvalidArgumentError(f"'{name}' must be true or false, got {value!r}")
-        return value
-    try:
-        if isinstance(default, int):
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgumentError(f"'{name}' must be a number, got {value!r}") from exc
-    return None if value is None else str(value)
+    return {ALIASES.get(key, key): value for key, value in doc.items()}
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a YAML recipe into a dict of TrainConfig keys (aliases resolved, unknown keys refused)."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidArgumentError(f"recipe '{path}' does not exist")
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise InvalidArgumentError(f"recipe '{path}' is not valid YAML: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise InvalidArgumentError(f"recipe '{path}' must be a mapping of keys to values")
-    return normalise_keys(doc, f"recipe '{path}'")
+    return normalise_keys(read_yaml(path, "recipe"), f"recipe '{path}'")
 
 
 def build_config(
     recipe: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None
 ) -> TrainConfig:
-    """A validated TrainConfig from recipe keys with ``overrides`` (command-line flags) on top."""
-    merged = {**(recipe or {}), **(overrides or {})}
-    values = {name: _coerce(name, value) for name, value in merged.items()}
-    config = replace(TrainConfig(), **values)
-    config.validate()
+    """A validated TrainConfig from recipe keys with ``overrides`` (command-line flags) on top, each value
+    coerced to its field's type (:func:`loraswap.config_layers.from_layers`).
+
+    Raises:
+        InvalidArgumentError: listing every unknown, unreadable or invalid value.
+    """
+    config, problems = from_layers(TrainConfig, recipe, overrides)
+    problems += config.problems()
+    if problems:
+        raise InvalidArgumentError("invalid training configuration", problems)
     return config
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from loraswap.config_layers import field_types, from_layers
 from loraswap.errors import InvalidArgumentError
-from loraswap.server.settings import ServeSettings, coerce, load_settings
+from loraswap.server.settings import ServeSettings, load_settings
 
 APP_NAME = "loraswap"
 GRPC_SERVICER_FUNCTIONS = (
@@ -80,9 +80,14 @@ class RayAppConfig:
         }
 
 
+FIELDS = field_types(RayAppConfig)
+"""Field name → type (checked here, at import: :mod:`loraswap.config_layers` reads every one)."""
+
+
 def read_args(args: Mapping[str, Any]) -> tuple[RayAppConfig, ServeSettings]:
     """The builder's ``args``: :class:`RayAppConfig` fields, ``config`` (a ``loraswap serve`` YAML file)
-    and ``settings`` (serve and engine fields, over the YAML and the ``LORASWAP_*`` environment).
+    and ``settings`` (serve and engine fields, over the YAML and the ``LORASWAP_*`` environment). Values
+    are coerced to the fields' types as a flag's would be (:mod:`loraswap.config_layers`).
 
     The bearer tokens are serve settings as on a single server: ``LORASWAP_INFERENCE_TOKENS`` and
     ``LORASWAP_ADMIN_TOKENS`` (comma-separated) in the environment of the process that builds the
@@ -92,26 +97,10 @@ def read_args(args: Mapping[str, Any]) -> tuple[RayAppConfig, ServeSettings]:
     Raises:
         InvalidArgumentError: listing every unknown or invalid value.
     """
-    fields = {f.name: f for f in dataclasses.fields(RayAppConfig)}
-    hints = {name: RayAppConfig.__annotations__[name] for name in fields}
-    problems = [
-        f"unknown argument {k!r}" for k in args if k not in fields and k not in ("config", "settings")
-    ]
-    values = {}
-    for name, value in args.items():
-        if name in fields:
-            try:
-                values[name] = coerce(name, value, _hint(hints[name]))
-            except InvalidArgumentError as exc:
-                problems.append(str(exc))
-    config = RayAppConfig(**values)
+    app_args = {k: v for k, v in args.items() if k not in ("config", "settings")}
+    config, problems = from_layers(RayAppConfig, app_args)
     problems += config.problems()
     if problems:
         raise InvalidArgumentError("invalid Ray Serve arguments", problems)
     settings = dict(args.get("settings") or {})
     return config, load_settings(flags=settings, config_file=args.get("config"))
-
-
-def _hint(annotation: str) -> Any:
-    """The type of a field annotation written as a string (``from __future__ import annotations``)."""
-    return {"int": int, "float": float, "int | None": int | None}[annotation]
