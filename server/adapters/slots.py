@@ -11,6 +11,8 @@ lock) changes it, load workers and listings only read it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from loraswap.errors import OverloadedError
 from loraswap.server.adapters.lru import LRU
 
@@ -24,6 +26,20 @@ class SlotTable:
         self._free = list(range(num_slots - 1, -1, -1))
         self._in_use: dict[str, int] = {}
         self._pinned: set[str] = set()
+
+    @classmethod
+    def restore(cls, residents: Sequence[tuple[str, int, bool]], free_slots: int) -> SlotTable:
+        """A table as :meth:`residents` and :attr:`free_slots` reported it: what a planner changes to
+        try its decisions under the same rules, without touching the real table (the pin limit is
+        not checked again: the snapshot came from a table that kept it)."""
+        table = cls(len(residents) + free_slots)
+        for key, users, pinned in residents:  # least recently used first: the LRU order is kept
+            table.place(key)
+            if users:
+                table._in_use[key] = users
+            if pinned:
+                table._pinned.add(key)
+        return table
 
     def __contains__(self, key: str) -> bool:
         return key in self._slot_of

@@ -37,6 +37,8 @@ from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
+from loraswap.server.adapters.slots import SlotTable
+
 POLICIES = ("adapter-aware", "fifo")
 
 
@@ -164,28 +166,30 @@ class _Age:
 
 
 class _Round:
-    """The slot table and free rows as one round's admissions change them (mirrors ``SlotTable``)."""
+    """One round's plan: a copy of the slot table (:meth:`SlotTable.restore`, so the rules are the
+    table's own, never a mirror of them) and the free rows, as the round's admissions change them."""
 
     def __init__(self, residents: Sequence[Resident], free_slots: int, free_rows: int, lru_only: bool):
-        self.order = [r.adapter for r in residents]  # least recently used first, as the slot table
-        self.running = {r.adapter: r.running for r in residents}
-        self.pinned = {r.adapter for r in residents if r.pinned}
-        self.free_slots = free_slots
+        self.table = SlotTable.restore([(r.adapter, r.running, r.pinned) for r in residents], free_slots)
         self.free_rows = free_rows
         self.lru_only = lru_only
         self.draining: str | None = None
         self.waiters: Counter[str] = Counter()
 
-    def resident(self, adapter: str) -> bool:
-        return adapter in self.running
+    @property
+    def free_slots(self) -> int:
+        return self.table.free_slots
 
-    def _touch(self, adapter: str) -> None:
-        self.order.remove(adapter)
-        self.order.append(adapter)
+    def resident(self, adapter: str) -> bool:
+        return adapter in self.table
 
     def idle(self) -> list[str]:
         """Adapters whose slot may be given up now, least recently used first."""
-        return [a for a in self.order if not self.running[a] and a not in self.pinned and a != self.draining]
+        return [
+            a
+            for a, users, pinned in self.table.residents()
+            if not users and not pinned and a != self.draining
+        ]
 
     def place(self, waiter: Waiter, may_take_slot: bool = True) -> Admission | None:
         """Admit ``waiter`` if a row and a slot allow (``may_take_slot``: a free or idle slot, not only
@@ -198,40 +202,39 @@ class _Round:
             if self.resident(adapter):
                 if adapter == self.draining:
                     return None
-                self._touch(adapter)
             elif not may_take_slot:
                 return None
-            elif self.free_slots:
-                self.free_slots -= 1
-                self.order.append(adapter)
             else:
-                idle = self.idle()
-                if not idle:
-                    return None
-                victim = idle[0]  # least recently used
-                if not self.lru_only:  # the fewest waiters, least recently used among equals
-                    victim = min(idle, key=lambda a: (self.waiters[a], idle.index(a)))
-                self.order.remove(victim)
-                del self.running[victim]
-                self.order.append(adapter)
-                self.running[adapter] = 0
-            self.running[adapter] = self.running.get(adapter, 0) + 1
+                if not self.table.free_slots:
+                    idle = self.idle()
+                    if not idle:
+                        return None
+                    victim = idle[0]  # least recently used
+                    if not self.lru_only:  # the fewest waiters, least recently used among equals
+                        victim = min(idle, key=lambda a: (self.waiters[a], idle.index(a)))
+                self.table.place(adapter, victim)
+            self.table.acquire(adapter)
             self.waiters[adapter] -= 1
         self.free_rows -= 1
         return Admission(waiter.key, adapter, victim)
+
+    def prefetch(self, adapter: str) -> None:
+        """Copy ``adapter`` into a free slot ahead of its requests."""
+        self.table.place(adapter)
 
     def drain_for(self, previous: str | None) -> str | None:
         """Reserve the slot to drain for the oldest mandatory request that found none: ``previous``
         (the slot drained last round, whoever it was for) while it stays eligible, else the unpinned
         adapter with the fewest running sequences, then the fewest waiters, then the least recently
         used (None when every resident adapter is pinned)."""
-        eligible = [a for a in self.order if a not in self.pinned]
+        users = {a: n for a, n, pinned in self.table.residents() if not pinned}
+        eligible = list(users)
         if not eligible:
             return None
         if previous in eligible:
             choice = previous
         else:
-            choice = min(eligible, key=lambda a: (self.running[a], self.waiters[a], eligible.index(a)))
+            choice = min(eligible, key=lambda a: (users[a], self.waiters[a], eligible.index(a)))
         self.draining = choice
         return choice
 
@@ -321,9 +324,7 @@ class AdmissionPolicy:
             if not state.free_slots:
                 break
             if w.key not in admitted and w.adapter is not None and not state.resident(w.adapter):
-                state.free_slots -= 1
-                state.order.append(w.adapter)
-                state.running[w.adapter] = 0
+                state.prefetch(w.adapter)
                 decision.prefetch.append(w.adapter)
 
     def _account(self, ready: list[Waiter], decision: Decision) -> None:
