@@ -101,7 +101,9 @@ class Engine:
         shape = BaseShape(
             {n: (m.in_features, m.out_features) for n, m in layers.items()}, config.max_rank, self.fingerprint
         )
-        self.kv = _make_kv_cache(model.config, config, dtype, self.device)
+        self.kv = KVCache.for_model(
+            model.config, config.max_batch_size, config.max_seq_len, dtype, self.device
+        )
         self.adapters = AdapterManager(
             registry_factory=(lambda: registry)
             if registry is not None
@@ -483,11 +485,12 @@ class Engine:
         if self.adapters.activate(adapter) is None:
             raise OverloadedError("every adapter slot is pinned or in use")
 
-    def unload_adapter(self, ref: str) -> None:
-        """Drop ``ref`` from the device and host tiers (a slot in use is freed when its requests end)."""
+    def unload_adapter(self, ref: str, keep_host: bool = False) -> None:
+        """Drop ``ref`` from the device and host tiers (``keep_host``: from the device only, leaving the
+        host copy to the host tier's byte budget); an idle slot is freed now, one in use stays."""
         _, digest, _ = self.adapters.resolve(ref)
         with self.step_lock:
-            self.adapters.unload(digest)
+            self.adapters.unload(digest, keep_host=keep_host)
 
     def pin(self, ref: str) -> AdapterStatus:
         """Load ``ref`` onto the device and keep it there."""
@@ -558,20 +561,6 @@ def _check_architecture(model_config: dict, max_seq_len: int) -> None:
             f"the base uses sliding-window attention ({window} tokens), which loraswap does not implement; "
             f"set max_seq_len <= {window}"
         )
-
-
-def _make_kv_cache(model_config, config: EngineConfig, dtype: torch.dtype, device: torch.device) -> KVCache:
-    heads = model_config.num_attention_heads
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
-    return KVCache(
-        model_config.num_hidden_layers,
-        config.max_batch_size,
-        config.max_seq_len,
-        model_config.num_key_value_heads,
-        head_dim,
-        dtype,
-        device,
-    )
 
 
 def _eos_ids(tokenizer, model) -> set[int]:

@@ -5,8 +5,9 @@ Requests come from the ingress with the adapter already resolved to ``name@sha25
 :meth:`EngineReplica.load_adapter` is the multiplexed loader (wrapped by ``serve.multiplexed`` in
 :func:`replica_deployment`): it loads the adapter into the engine (host tier, then a device slot when one
 is free; otherwise the engine places it when the request is admitted) and returns a
-:class:`ResidentAdapter`, whose release, called by Ray when its LRU drops the model, unloads the engine's
-copy. Each replica serves its own ``/metrics`` (``metrics_port``; 0 = a free one).
+:class:`ResidentAdapter`, whose release, called by Ray when its LRU drops the model, frees the engine's
+device slot. The host copy stays: the engine's host tier (``host_cache_bytes``, its own LRU) decides when
+it goes, so a digest Ray routes here again loads from RAM, not from disk. Each replica serves its own ``/metrics`` (``metrics_port``; 0 = a free one).
 
 A request comes with the time its call has left (``timeout_s``), made a deadline on this replica's clock:
 the engine drops the request when it passes. The ``admin_*`` methods are the Admin service's work on one
@@ -131,8 +132,8 @@ class EngineReplica:
             del self._held[resident.digest]
             if resident.digest in self._pinned:
                 return
-        try:
-            self.engine.unload_adapter(f"{resident.name}@{resident.digest}")
+        try:  # the device slot only: the host copy ages out under the host tier's byte budget
+            self.engine.unload_adapter(f"{resident.name}@{resident.digest}", keep_host=True)
         except Exception:  # an unload never fails a request; the engine's own LRU ages the copy out
             log.exception("unloading %s@%s failed", resident.name, resident.digest)
 
