@@ -1,5 +1,7 @@
-"""Chaos soak (issue 23, "never hang, never lose"): many clients on ``loraswap serve`` while the registry's
-S3 endpoint, the server and its disk cache fail on a schedule.
+"""Chaos soak (issue 23, "never hang, never lose"): clients on ``loraswap serve`` under injected faults.
+
+Many clients use the server while the registry's S3 endpoint, the server and its disk cache fail on a
+schedule.
 
 A real server (``loraswap serve`` in a subprocess, fp32) serves random rank-8 PEFT adapters from an S3
 registry (moto's server in its own process, behind a TCP proxy the bench controls). Clients (one gRPC
@@ -46,6 +48,7 @@ from bench.chaos_check import (
     last_half,
     rss_slope,
     table,
+    trace,
 )
 from bench.chaos_control import FaultController, Rig, schedule
 from bench.chaos_faults import KINDS, PROD, Catalog, Churn, ServerSupervisor
@@ -81,6 +84,24 @@ QUICK = {
     "requests": 72, "clients": 8, "adapters": 4, "base": "tiny", "window": 1.0, "rss_every": 12, "slots": 2,
     "batch": 8, "rate": 12.0, "deadline": 10.0, "margin": 5.0, "churn_period": 0.5, "gc_grace": 30.0,
 }  # fmt: skip
+
+
+SIZES = (
+    ("requests", int, "requests in all"),
+    ("clients", int, "concurrent clients, one channel each"),
+    ("adapters", int, "served adapter names (a quarter with three versions)"),
+    ("base", str, "'default' (embedded SmolLM2), 'tiny' (random tiny Llama) or a model folder"),
+    ("window", float, "seconds an S3 outage lasts"),
+    ("rss_every", int, "requests between RSS samples"),
+    ("slots", int, "the server's adapter slots"),
+    ("batch", int, "the server's max batch size"),
+    ("rate", float, "requests per second over all clients (0: closed loop)"),
+    ("deadline", float, "every request's deadline, seconds"),
+    ("margin", float, "past the deadline by this much with no outcome, a request is hung"),
+    ("churn_period", float, "seconds between tag moves (pushes every 2, rm + gc every 3)"),
+    ("gc_grace", float, "gc's grace period, seconds"),
+)
+"""The options whose defaults :data:`FULL` and :data:`QUICK` give: (name, type, help)."""
 
 
 def full_plan(requests: int) -> list[tuple[int, str]]:
@@ -268,13 +289,6 @@ def _soak(args: argparse.Namespace, work: Path, base_dir: Path, moto: MotoServer
     return raw
 
 
-def damaged_versions(faults: list[dict[str, Any]]) -> frozenset[str]:
-    """The versions whose cached files the faults damaged."""
-    found = [f["detail"] for f in faults if f["kind"].startswith("cache")]
-    found += [f["detail"].get("unseen_corruption", {}) for f in faults if f["kind"] == "server-kill"]
-    return frozenset(d["digest"] for d in found if d.get("digest"))
-
-
 def drive(args: argparse.Namespace, rig: Rig, plan: list[tuple[int, str]]) -> dict[str, Any]:
     """The load, the faults and the churn, from start to end; what the server holds at the end."""
     began = time.monotonic()
@@ -337,33 +351,12 @@ def report(args: argparse.Namespace, raw: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def trace(outcomes: list[Outcome]) -> list[list[Any]]:
-    """One row per request: index, reference, code, sent at (s), took (s), answering version (short),
-    details (short)."""
-    return [
-        [o.index, o.ref, o.code, o.started_s, o.seconds, o.digest[7:19], o.detail[:120]] for o in outcomes
-    ]
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     preset = parser.add_argument_group("sizes (defaults: the full soak, or --quick's)")
-    for key, kind, text in (
-        ("requests", int, "requests in all"),
-        ("clients", int, "concurrent clients, one channel each"),
-        ("adapters", int, "served adapter names (a quarter with three versions)"),
-        ("base", str, "'default' (embedded SmolLM2), 'tiny' (random tiny Llama) or a model folder"),
-        ("window", float, "seconds an S3 outage lasts"),
-        ("rss_every", int, "requests between RSS samples"),
-        ("slots", int, "the server's adapter slots"),
-        ("batch", int, "the server's max batch size"),
-        ("rate", float, "requests per second over all clients (0: closed loop)"),
-        ("deadline", float, "every request's deadline, seconds"),
-        ("margin", float, "past the deadline by this much with no outcome, a request is hung"),
-        ("churn_period", float, "seconds between tag moves (pushes every 2, rm + gc every 3)"),
-        ("gc_grace", float, "gc's grace period, seconds"),
-    ):
-        preset.add_argument("--" + key.replace("_", "-"), type=kind, default=None, help=text)
+    for key, kind, text in SIZES:
+        help_text = f"{text} (full: {FULL[key]}; --quick: {QUICK[key]})"
+        preset.add_argument("--" + key.replace("_", "-"), type=kind, default=None, help=help_text)
     parser.add_argument("--quick", action="store_true", help="a small run of every fault once (tiny model)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -375,18 +368,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=4, help="tokens per answer (greedy)")
     parser.add_argument("--stream-share", type=float, default=0.25, help="share of requests that stream")
     parser.add_argument("--tie-tolerance", type=float, default=1e-3, help="logit gap of a near tie")
-    parser.add_argument(
-        "--max-references",
-        type=int,
-        default=160,
-        help="most (version, prompt) pairs whose answers are checked token by token against PEFT",
-    )
-    parser.add_argument(
-        "--rss-min-span",
-        type=int,
-        default=2000,
-        help="fewest requests the last half must span for the RSS check",
-    )
+    refs = "most (version, prompt) pairs whose answers are checked token by token against PEFT"
+    parser.add_argument("--max-references", type=int, default=160, help=refs)
+    span = "fewest requests the last half must span for the RSS check"
+    parser.add_argument("--rss-min-span", type=int, default=2000, help=span)
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the work files (logs) here")
     args = parser.parse_args(argv)

@@ -288,6 +288,21 @@ def fault_outcomes(faults: list[dict[str, Any]], outcomes: list[Outcome]) -> Non
         fault["outcomes"] = dict(Counter(hit).most_common())
 
 
+def damaged_versions(faults: list[dict[str, Any]]) -> frozenset[str]:
+    """The versions whose cached files the faults damaged."""
+    found = [f["detail"] for f in faults if f["kind"].startswith("cache")]
+    found += [f["detail"].get("unseen_corruption", {}) for f in faults if f["kind"] == "server-kill"]
+    return frozenset(d["digest"] for d in found if d.get("digest"))
+
+
+def trace(outcomes: list[Outcome]) -> list[list[Any]]:
+    """One row per request: index, reference, code, sent at (s), took (s), answering version (short),
+    details (short)."""
+    return [
+        [o.index, o.ref, o.code, o.started_s, o.seconds, o.digest[7:19], o.detail[:120]] for o in outcomes
+    ]
+
+
 def table(report: dict[str, Any]) -> str:
     """The report as a few readable lines."""
     r, c = report, report["outcomes"]

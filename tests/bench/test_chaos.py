@@ -57,6 +57,11 @@ def test_quick_soak_injects_every_fault_and_loses_nothing(tiny_base: Path, tmp_p
     assert report["rss"]["samples"][0]["requests"] == 0 and report["checks"]["rss"] is None  # too short
     # The invariants of issue 23. A failure here is a server (or registry) defect to report, not a
     # reason to loosen the test: nothing hung, no wrong answer, nothing lost, no crash, verify clean.
+    # Known when this was written (the host tier maps cache files privately, and a private mapping shows
+    # what is written into the file in place): cache-overwrite of a version held in the host tier gives
+    # wrong answers ("wrong" fails), and cache-truncate of one kills the server with SIGBUS on its next
+    # use (a crash with exit code -7: "crashes" fails). Which version a fault hits varies, so a run may
+    # miss them.
     assert report["checks"] == {
         "hung": True, "wrong": True, "lost": True, "crashes": True, "rss": None, "verify": True,
     }, (outcomes, report["answers"]["wrong"], report["server"], report["verify"])  # fmt: skip
