@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from bench.int8_weight_only import int8_linear, quantize_int8
 from loraswap.precision import cpu_bf16_support
+from loraswap.server.engine.kv_cache import head_dim, kv_heads
 from loraswap.server.engine.packed import pack, packed_linear, packing_supported
 from loraswap.server.engine.weight_only import half_linear, half_weights_supported, pack_half
 
@@ -48,8 +49,7 @@ def shapes(base_dir: Path) -> dict[str, tuple[int, int]]:
     """``[out, in]`` of a decoder layer's projections and of ``lm_head``, from ``config.json``."""
     c = json.loads((base_dir / "config.json").read_text())
     h, i = c["hidden_size"], c["intermediate_size"]
-    heads = c["num_attention_heads"]
-    kv = c.get("num_key_value_heads", heads) * (c.get("head_dim") or h // heads)
+    kv = kv_heads(c) * head_dim(c)
     return {"q": (h, h), "k": (kv, h), "v": (kv, h), "o": (h, h), "gate": (i, h), "up": (i, h),
             "down": (h, i), "lm_head": (c["vocab_size"], h)}  # fmt: skip
 

@@ -78,9 +78,11 @@ def llama_config(shape: ModelShape, tokenizer=None, vocab_size: int | None = Non
 
 def projection_shapes(config) -> dict[str, tuple[int, int]]:
     """``(in, out)`` of every LoRA-targetable projection of one decoder layer of ``config``."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    from loraswap.server.engine.kv_cache import head_dim, kv_heads
+
+    size = head_dim(config)
     h, inter = config.hidden_size, config.intermediate_size
-    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    q, kv = config.num_attention_heads * size, kv_heads(config) * size
     return {
         "q_proj": (h, q),
         "k_proj": (h, kv),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraswap.server.engine.fused import fuse_layer
-from loraswap.server.engine.kv_cache import KVCache
+from loraswap.server.engine.kv_cache import KVCache, head_dim, kv_heads
 from loraswap.server.engine.packed import pack_base
 from loraswap.server.lora.context import LoraContext
 
@@ -91,8 +91,8 @@ class PackedForward:
         self.mode = mode
         config = model.config
         self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.num_kv_heads = kv_heads(config)
+        self.head_dim = head_dim(config)
         self.device = next(model.parameters()).device
         n = len(self.inner.layers)
         # Per layer: q/k/v and gate/up as one matmul each where the bases allow (engine/fused.py);

@@ -27,12 +27,12 @@ from loraswap.registry.manifest import sha256_digest
 from loraswap.server.engine import Engine, EngineConfig
 from loraswap.server.engine.api import TokenEvent
 from loraswap.server.engine.base_loader import WEIGHT_ONLY_QUANTIZATIONS, compute_dtype
+from loraswap.server.engine.kv_cache import head_dim, kv_cache_bytes
 from loraswap.server.engine.packed import packing_supported
 from loraswap.server.engine.request import RequestHandle
 
 BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp16w": 2.0, "int8": 1.0, "nf4": 0.5}
 """Bytes a linear weight takes once loaded, per quantization (bitsandbytes' block scales excluded)."""
-SAFETENSORS_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 
 
 @dataclass(frozen=True)
@@ -102,12 +102,8 @@ def estimate_memory(folder: Path, config: EngineConfig, quantization: str) -> Ro
         linear = (name.endswith("proj.weight") or head) and len(shape) == 2
         weights += math.prod(shape) * (BYTES_PER_WEIGHT[quantization] if linear else compute)
     model = json.loads((folder / "config.json").read_text())
-    heads = model["num_attention_heads"]
-    head_dim = model.get("head_dim") or model["hidden_size"] // heads
-    kv_heads = model.get("num_key_value_heads", heads)
-    kv = 2 * model["num_hidden_layers"] * config.max_batch_size * kv_heads * config.max_seq_len * head_dim
-    weights += 2 * (head_dim // 2) * 4  # the rotary inverse frequencies (and their original): fp32 buffers
-    return RouteMemory(int(weights), int(kv * compute))
+    weights += 2 * (head_dim(model) // 2) * 4  # the rotary inverse frequencies (and their original): fp32
+    return RouteMemory(int(weights), kv_cache_bytes(model, config.max_batch_size, config.max_seq_len, dtype))
 
 
 class RoutedHandle(RequestHandle):
