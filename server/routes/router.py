@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from loraswap import paths
 from loraswap.device import available_bytes, serial_torch_thread
 from loraswap.errors import InvalidArgumentError, LoraswapError, NotFoundError
-from loraswap.merge.builder import merge_adapters
+from loraswap.merge.process import merge_in_process, stop_merges
 from loraswap.merge.record import RECORD_FILE
 from loraswap.merge.sources import AdapterSource
 from loraswap.registry.names import ref_name
@@ -139,6 +139,7 @@ class Router:
         for thread in stoppers:
             thread.join()
         self._builder.shutdown(wait=False, cancel_futures=True)
+        stop_merges()
 
     # -- routing ----------------------------------------------------------------------------
 
@@ -349,7 +350,7 @@ class Router:
             self._check_budget(spec, estimate_memory(self.base.base_ref.path, config, quantization))
             if not (output / RECORD_FILE).is_file():
                 output.parent.mkdir(parents=True, exist_ok=True)
-                merge_adapters(
+                merge_in_process(  # a worker process: the merge never holds the serving process's GIL
                     self.base.base_ref, [source], output, dtype=MERGE_DTYPES.get(quantization), force=True
                 )
             route = self._build(spec, promoted=True, folder=output)
