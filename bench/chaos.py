@@ -84,8 +84,6 @@ QUICK = {
     "requests": 72, "clients": 8, "adapters": 4, "base": "tiny", "window": 1.0, "rss_every": 12, "slots": 2,
     "batch": 8, "rate": 12.0, "deadline": 10.0, "margin": 5.0, "churn_period": 0.5, "gc_grace": 30.0,
 }  # fmt: skip
-
-
 SIZES = (
     ("requests", int, "requests in all"),
     ("clients", int, "concurrent clients, one channel each"),
@@ -105,8 +103,8 @@ SIZES = (
 
 
 def full_plan(requests: int) -> list[tuple[int, str]]:
-    """The full run's faults: server kills spread over the first ``FULL_KILL_LAST`` of the run, the
-    others over the rest of it."""
+    """The full run's faults: the server kills between 10 % of the run and ``FULL_KILL_LAST``, the others
+    between 4 % and 90 %."""
     kills = [k for k in FULL_FAULTS if k == "server-kill"]
     others = [k for k in FULL_FAULTS if k != "server-kill"]
     return sorted(schedule(kills, requests, 0.1, FULL_KILL_LAST) + schedule(others, requests, 0.04, 0.9))
@@ -223,9 +221,8 @@ def server_args(base_dir: Path, url: str, args: argparse.Namespace, host_bytes: 
 
 def run_verify(url: str, endpoint: str) -> dict[str, Any]:
     """``loraswap registry verify`` on the registry (straight to moto): its exit code and output."""
-    env = {**os.environ, "LORASWAP_S3_ENDPOINT": endpoint}
     command = [sys.executable, "-m", "loraswap.cli", "registry", "--registry", url, "verify"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, env=s3_env(endpoint), capture_output=True, text=True, timeout=600)
     return {"exit_code": done.returncode, "output": (done.stdout + done.stderr)[-4000:]}
 
 
@@ -242,21 +239,29 @@ def work_folder(path: Path | None) -> Iterator[Path]:
 
 def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Set everything up, run the load under the faults, take everything down; the raw figures."""
-    os.environ.update(
-        AWS_ACCESS_KEY_ID=CREDENTIALS["aws_access_key_id"],
-        AWS_SECRET_ACCESS_KEY=CREDENTIALS["aws_secret_access_key"],
-        AWS_DEFAULT_REGION=CREDENTIALS["region_name"],
-    )
     base_dir = base_folder(args.base, work)
     moto = MotoServer(work / "moto.log")
     moto.start()
-    moto.client().create_bucket(Bucket=BUCKET)
-    proxy = FaultProxy(moto.port)
     try:
-        return _soak(args, work, base_dir, moto, proxy)
+        moto.client().create_bucket(Bucket=BUCKET)
+        proxy = FaultProxy(moto.port)
+        try:
+            return _soak(args, work, base_dir, moto, proxy)
+        finally:
+            proxy.close()
     finally:
-        proxy.close()
         moto.kill()
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    """The environment of a process that uses the registry at ``endpoint`` (moto's credentials)."""
+    return {
+        **os.environ,
+        "LORASWAP_S3_ENDPOINT": endpoint,
+        "AWS_ACCESS_KEY_ID": CREDENTIALS["aws_access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": CREDENTIALS["aws_secret_access_key"],
+        "AWS_DEFAULT_REGION": CREDENTIALS["region_name"],
+    }
 
 
 def _soak(args: argparse.Namespace, work: Path, base_dir: Path, moto: MotoServer, proxy: FaultProxy) -> dict:
@@ -266,7 +271,7 @@ def _soak(args: argparse.Namespace, work: Path, base_dir: Path, moto: MotoServer
     cold = sum(kind == "server-kill" for _, kind in plan)
     catalog = prepare(work, base_dir, registry, args.adapters, cold, args.seed)
     size = max(p.joinpath("adapter_model.safetensors").stat().st_size for p in catalog.folders.values())
-    env = {**os.environ, "LORASWAP_HOME": str(work / "server-home"), "LORASWAP_S3_ENDPOINT": proxy.url}
+    env = {**s3_env(proxy.url), "LORASWAP_HOME": str(work / "server-home")}
     host_bytes = (args.slots + max(2, args.adapters // 8)) * size
     flags = server_args(base_dir, url, args, host_bytes)
     server = ServerSupervisor(flags, env, work / "server-home", work / "logs")
