@@ -25,6 +25,7 @@ from bench.adapters import write_adapter
 from loraswap.merge.builder import merge_adapters
 from loraswap.merge.sources import AdapterSource
 from loraswap.models import resolve_base
+from loraswap.models.weight_files import weight_files
 from loraswap.registry import open_registry
 from loraswap.server.engine import Engine, EngineConfig
 from loraswap.server.engine.api import GenerationRequest, SamplingParams
@@ -46,7 +47,7 @@ def bare_read(folder: Path) -> float:
     from safetensors import safe_open
 
     start = time.perf_counter()
-    for shard in sorted(folder.glob("*.safetensors")):
+    for shard in weight_files(folder):
         with safe_open(str(shard), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 handle.get_tensor(name).float()

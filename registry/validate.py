@@ -8,20 +8,17 @@ with the way to convert it.
 
 Refused, so that nothing outside the folder is ever read and nothing blocks: any entry that is a
 symbolic link, named pipe, socket or device (whatever its name), and a folder under a pushed file's
-name. The safetensors header is checked by the library's own rules before any tensor is read (see
-:func:`read_safetensors_header`), and also refused are: a header that names a tensor twice, a file with
-no tensors, tensors that are not F16/BF16/F32/F64 or hold NaN/Inf, and a supported target module of the
-config with no tensors in the file.
+name. The safetensors header is checked by the library's own rules before any tensor is read, and a
+header that names a tensor twice is refused (:mod:`loraswap.safetensors_header`); also refused are: a
+file with no tensors, tensors that are not F16/BF16/F32/F64 or hold NaN/Inf, and a supported target
+module of the config with no tensors in the file.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import stat
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -44,6 +41,14 @@ from loraswap.adapter_format import (
 from loraswap.errors import AdapterValidationError, InvalidArgumentError
 from loraswap.models import BaseModelRef
 from loraswap.models.fingerprint import weight_shapes
+from loraswap.safetensors_header import (
+    WEIGHT_FLOATS,
+    Header,
+    SafetensorsError,
+    TensorEntry,
+    dtype_label,
+    read_header,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +61,7 @@ CONVERT_HINT = (
     f"`sd = torch.load('{PICKLE_WEIGHTS}', weights_only=True); "
     f"safetensors.torch.save_file(sd, '{ADAPTER_WEIGHTS}')` (or save with safe_serialization=True)"
 )
-MAX_HEADER_BYTES = 100_000_000
-"""The safetensors library's own limit on the JSON header."""
-FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
-"""safetensors dtype -> torch dtype name, for the dtypes LoRA weights may have (the ones the server reads)."""
-ITEM_BYTES = {
-    "F16": 2, "BF16": 2, "F32": 4, "F64": 8, "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
-    "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8,
-}  # fmt: skip
-MAX_PROBLEMS_PER_FILE = 20
+NO_HEADER = Header({}, {}, 0)
 
 
 @dataclass(frozen=True)
@@ -90,23 +87,6 @@ class AdapterSummary:
     dtype: str
     total_bytes: int
     training: dict[str, Any] | None
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor of a checked safetensors header.
-
-    Attributes:
-        dtype: safetensors dtype name (``F32``...).
-        shape: Dimensions.
-        begin: Offset of its first byte in the data section.
-        end: Offset past its last byte.
-    """
-
-    dtype: str
-    shape: list[int]
-    begin: int
-    end: int
 
 
 def _list_folder(folder: Path) -> tuple[list[str], list[str], set[str], list[str]] | str:
@@ -156,103 +136,20 @@ def _select_files(folder: Path) -> tuple[list[str], list[str], set[str], list[st
     return files, ignored, refused, problems
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    doc: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in doc:
-            raise _DuplicateKey(key)
-        doc[key] = value
-    return doc
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _entry_problem(name: str, info: Any, data_size: int) -> tuple[TensorEntry | None, str | None]:
-    """One header entry checked as the safetensors library does, or why it is malformed."""
-    if not isinstance(info, dict):
-        return None, f"tensor {name!r} has a malformed entry"
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in ITEM_BYTES:
-        return None, f"tensor {name!r} has an unknown dtype {str(dtype)[:40]!r}"
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        return None, f"tensor {name!r} has a malformed shape"
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
-        return None, f"tensor {name!r} has malformed data_offsets"
-    begin, end = offsets
-    if begin > end or end > data_size or end - begin != math.prod(shape) * ITEM_BYTES[dtype]:
-        return None, f"tensor {name!r} offsets {begin}..{end} do not hold a {dtype} tensor of shape {shape}"
-    return TensorEntry(dtype, list(shape), begin, end), None
-
-
 def read_safetensors_header(
     handle: BinaryIO, size: int, file_name: str = ADAPTER_WEIGHTS
-) -> tuple[dict[str, TensorEntry], int, list[str]]:
-    """Read and check the header of a safetensors file open as ``handle`` (``size`` bytes; ``file_name``
-    names it in the problems).
-
-    The rules are the safetensors library's: an 8-byte little-endian header length of at most
-    :data:`MAX_HEADER_BYTES` that fits the file; a UTF-8 JSON object; an optional ``__metadata__``
-    object of strings; per tensor a known dtype, a shape of non-negative integers and ``data_offsets``
-    whose span is exactly the shape's bytes; sorted by offset, the tensors tile the data section (no gap,
-    no overlap, nothing after the last). Stricter than the library: a key listed twice is refused (a
-    JSON parser keeps one of the two silently).
+) -> tuple[Header, list[str]]:
+    """:func:`loraswap.safetensors_header.read_header` of ``handle`` (``size`` bytes), its refusal as
+    problem lines that name ``file_name``.
 
     Returns:
-        Tensor name → entry, the offset of the data section in the file, and the problems (at most
-        :data:`MAX_PROBLEMS_PER_FILE`; the entries are empty when there are any).
+        The checked header (empty when there are problems) and the problems.
     """
-    bad = f"{file_name} is not a readable safetensors file"
-    if size < 8:
-        return {}, 0, [f"{bad}: {size} bytes is too short"]
-    head = handle.read(8)
-    if len(head) < 8:
-        return {}, 0, [f"{bad}: the file changed while it was read"]
-    (length,) = struct.unpack("<Q", head)
-    if length > MAX_HEADER_BYTES or 8 + length > size:
-        return {}, 0, [f"{bad}: header length {length} does not fit the {size}-byte file"]
     try:
-        doc = json.loads(handle.read(length), object_pairs_hook=_no_duplicates)
-    except _DuplicateKey as exc:
-        return {}, 0, [f"{bad}: its header lists {str(exc)[:80]!r} twice"]
-    except (ValueError, RecursionError) as exc:
-        return {}, 0, [f"{bad}: the header is not JSON ({exc})"]
-    if not isinstance(doc, dict):
-        return {}, 0, [f"{bad}: the header is not a JSON object"]
-    problems = []
-    metadata = doc.pop("__metadata__", None)
-    if metadata is not None and (
-        not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
-    ):
-        problems.append(f"{bad}: __metadata__ is not an object of strings")
-    data_size = size - 8 - length
-    entries: dict[str, TensorEntry] = {}
-    for name, info in doc.items():
-        entry, problem = _entry_problem(name, info, data_size)
-        if problem:
-            problems.append(f"{bad}: {problem}")
-        else:
-            entries[name] = entry
-    if not problems:
-        end, previous = 0, None
-        for name, entry in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
-            if entry.begin != end:
-                where = "overlaps" if entry.begin < end else "leaves a gap after"
-                what = repr(previous) if previous else "the start of the data"
-                problems.append(f"{bad}: tensor {name!r} {where} {what}")
-                break
-            end, previous = entry.end, name
-        if not problems and end != data_size:
-            problems.append(f"{bad}: the tensors end at byte {end} of a {data_size}-byte data section")
-    if len(problems) > MAX_PROBLEMS_PER_FILE:
-        extra = len(problems) - MAX_PROBLEMS_PER_FILE
-        problems = [*problems[:MAX_PROBLEMS_PER_FILE], f"{bad}: ... and {extra} more problems"]
-    return ({}, 0, problems) if problems else (entries, 8 + length, [])
+        return read_header(handle, size), []
+    except SafetensorsError as exc:
+        bad = f"{file_name} is not a readable safetensors file"
+        return NO_HEADER, [f"{bad}: {problem}" for problem in exc.problems]
 
 
 def _read_tensors(path: Path, scan_values: bool) -> tuple[dict[str, list[int]], set[str], list[str]]:
@@ -263,29 +160,27 @@ def _read_tensors(path: Path, scan_values: bool) -> tuple[dict[str, list[int]], 
     """
     try:
         with open_adapter_file(path) as handle:
-            size = os.fstat(handle.fileno()).st_size
-            entries, data_start, problems = read_safetensors_header(handle, size)
-            dtypes = {FLOAT_DTYPES.get(e.dtype, e.dtype) for e in entries.values()}
-            for name, entry in sorted(entries.items()):
-                if entry.dtype not in FLOAT_DTYPES:
-                    problems.append(
-                        f"tensor {name} has dtype {entry.dtype}; LoRA weights must be floats "
-                        f"({', '.join(FLOAT_DTYPES)})"
-                    )
-                elif scan_values and not _finite(handle, data_start, entry):
+            header, problems = read_safetensors_header(handle, os.fstat(handle.fileno()).st_size)
+            dtypes = {dtype_label(e.dtype) for e in header.entries.values()}
+            problems += weight_dtype_problems({name: e.dtype for name, e in header.entries.items()})
+            for name, entry in sorted(header.entries.items()) if scan_values else ():
+                if entry.dtype in WEIGHT_FLOATS and not _finite(handle, header.data_start, entry):
                     problems.append(f"tensor {name} contains NaN or Inf values")
     except InvalidArgumentError as exc:
         return {}, set(), [str(exc)]
     except OSError as exc:
         return {}, set(), [f"{ADAPTER_WEIGHTS} cannot be read: {exc.strerror or exc}"]
-    if not problems and not entries:
+    if not problems and not header.entries:
         problems.append(f"{ADAPTER_WEIGHTS} holds no tensors")
-    return {name: e.shape for name, e in entries.items()}, dtypes, problems
+    return header.shapes(), dtypes, problems
 
 
 def _finite(handle: BinaryIO, data_start: int, entry: TensorEntry) -> bool:
-    """Whether a float tensor of a checked header holds no NaN/Inf (its bytes read here)."""
+    """Whether a float tensor of a checked header holds no NaN/Inf (its bytes read here;
+    :func:`loraswap.finite.all_finite`)."""
     import torch
+
+    from loraswap.finite import all_finite
 
     if entry.end == entry.begin:
         return True
@@ -293,8 +188,17 @@ def _finite(handle: BinaryIO, data_start: int, entry: TensorEntry) -> bool:
     data = bytearray(handle.read(entry.end - entry.begin))
     if len(data) != entry.end - entry.begin:
         raise InvalidArgumentError(f"{ADAPTER_WEIGHTS} changed while it was read")
-    tensor = torch.frombuffer(data, dtype=getattr(torch, FLOAT_DTYPES[entry.dtype]))
-    return bool(torch.isfinite(tensor).all())
+    return all_finite(torch.frombuffer(data, dtype=entry.torch_dtype))
+
+
+def weight_dtype_problems(dtypes: dict[str, str]) -> list[str]:
+    """The tensors (name → safetensors dtype) whose dtype LoRA weights may not have
+    (:data:`~loraswap.safetensors_header.WEIGHT_FLOATS` only)."""
+    return [
+        f"tensor {name} has dtype {dtype}; LoRA weights must be floats ({', '.join(WEIGHT_FLOATS)})"
+        for name, dtype in sorted(dtypes.items())
+        if dtype not in WEIGHT_FLOATS
+    ]
 
 
 def _read_training(folder: Path) -> tuple[dict[str, Any] | None, list[str]]:

@@ -16,7 +16,7 @@ elsewhere):
 
 Pickle weights (``*.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``, ``*.pkl``) are refused with the way to save
 safetensors instead. Every safetensors header is checked by the library's rules before anything else is
-read (:func:`~loraswap.registry.validate.read_safetensors_header`); tensor values are not read (the merge
+read (:mod:`loraswap.safetensors_header`); tensor values are not read (the merge
 checks them for NaN/Inf before it writes), so validating a model costs a few header reads whatever its size.
 The JSON files are read through no-follow handles, each at most 16 MiB.
 """
@@ -34,13 +34,8 @@ from typing import Any
 from loraswap.adapter_format import file_kind, not_regular_problem, open_adapter_file, read_json_object
 from loraswap.errors import InvalidArgumentError
 from loraswap.registry.names import DIGEST_RE
-from loraswap.registry.validate import (
-    FLOAT_DTYPES,
-    MAX_PROBLEMS_PER_FILE,
-    README,
-    TensorEntry,
-    read_safetensors_header,
-)
+from loraswap.registry.validate import README, read_safetensors_header
+from loraswap.safetensors_header import MAX_PROBLEMS, TensorEntry, dtype_label
 
 MODEL_CONFIG = "config.json"
 MODEL_WEIGHTS = "model.safetensors"
@@ -285,14 +280,14 @@ def _read_header(path: Path) -> tuple[dict[str, TensorEntry], list[str]]:
     try:
         with open_adapter_file(path) as handle:
             size = os.fstat(handle.fileno()).st_size
-            entries, _, problems = read_safetensors_header(handle, size, path.name)
+            header, problems = read_safetensors_header(handle, size, path.name)
     except InvalidArgumentError as exc:
         return {}, [str(exc)]
     except OSError as exc:
         return {}, [f"{path.name} cannot be read: {exc.strerror or exc}"]
-    if not problems and not entries:
+    if not problems and not header.entries:
         problems.append(f"{path.name} holds no tensors")
-    return entries, problems
+    return header.entries, problems
 
 
 def _index_problems(folder: Path, shards: list[str], headers: dict[str, dict[str, TensorEntry]]) -> list[str]:
@@ -325,9 +320,9 @@ def _index_problems(folder: Path, shards: list[str], headers: dict[str, dict[str
         for tensor in sorted(headers.get(shard, {})):
             if weight_map.get(tensor) != shard:
                 problems.append(f"tensor {tensor[:80]!r} of {shard} is not mapped to it by {MODEL_INDEX}")
-    if len(problems) > MAX_PROBLEMS_PER_FILE:
-        extra = len(problems) - MAX_PROBLEMS_PER_FILE
-        problems = [*problems[:MAX_PROBLEMS_PER_FILE], f"{MODEL_INDEX}: ... and {extra} more problems"]
+    if len(problems) > MAX_PROBLEMS:
+        extra = len(problems) - MAX_PROBLEMS
+        problems = [*problems[:MAX_PROBLEMS], f"{MODEL_INDEX}: ... and {extra} more problems"]
     return problems
 
 
@@ -383,7 +378,7 @@ def _config_info(folder: Path) -> tuple[dict[str, Any] | None, list[str]]:
 
 
 def _dtype_of(headers: dict[str, dict[str, TensorEntry]]) -> str:
-    names = {FLOAT_DTYPES.get(e.dtype, e.dtype) for entries in headers.values() for e in entries.values()}
+    names = {dtype_label(e.dtype) for entries in headers.values() for e in entries.values()}
     return ",".join(sorted(names))
 
 

@@ -2,10 +2,11 @@
 
 The base folder's safetensors are streamed one tensor at a time (``safe_open``; one output shard is held
 at a time), every targeted linear weight becomes ``W + ΔW`` in fp32 (``ΔW`` from
-:mod:`loraswap.merge.methods`), is checked with ``torch.isfinite`` (and again after the cast to the output
-dtype) before its shard is written, and the shards keep the base's layout (same file names, an index when
-the base has one). config.json (its dtype updated), generation_config.json, the tokenizer files and the
-chat template are copied, and :data:`~loraswap.merge.record.RECORD_FILE` is written last.
+:mod:`loraswap.merge.methods`), is checked finite (:func:`loraswap.finite.all_finite`; again after the
+cast to the output dtype) before its shard is written, and the shards keep the base's layout (same file
+names, an index when the base has one). config.json (its dtype updated), generation_config.json, the
+tokenizer files and the chat template are copied, and :data:`~loraswap.merge.record.RECORD_FILE` is
+written last.
 
 Everything is written into a hidden temporary folder beside the output (``.<name>.merging-<pid>-<id>``)
 that is renamed into place once complete: a failed merge removes it, a killed one leaves only that hidden
@@ -34,6 +35,8 @@ from loraswap.merge.methods import LoraFactors, MergeParams, check_params, modul
 from loraswap.merge.record import MergedAdapter, MergeRecord
 from loraswap.merge.sources import AdapterSource
 from loraswap.models import BaseModelRef, base_fingerprint, resolve_base
+from loraswap.models.weight_files import INDEX_FILE, weight_files
+from loraswap.safetensors_header import read_header_file
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +52,6 @@ DTYPES = {
     "float32": "float32",
 }
 """Accepted ``dtype`` spellings → the torch dtype name written."""
-INDEX_FILE = "model.safetensors.index.json"
 SIDE_FILES = (
     "generation_config.json",
     "tokenizer.json",
@@ -250,24 +252,16 @@ def _output_dtype(dtype: str | None, base: BaseModelRef) -> str:
     named = config.get("dtype") or config.get("torch_dtype")
     if isinstance(named, str) and named in DTYPES:
         return DTYPES[named]
-    from safetensors import safe_open
-
-    first = _shards(base.path)[0]
-    with safe_open(str(base.path / first), framework="pt") as handle:
-        for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-            kind = handle.get_slice(name).get_dtype()
-            return {"BF16": "bfloat16", "F16": "float16"}.get(kind, "float32")
-    return "float32"
+    entries = read_header_file(base.path / _shards(base.path)[0]).entries
+    if not entries:
+        return "float32"
+    kind = entries[min(entries)].torch_name  # the first tensor by name
+    return kind if kind in ("bfloat16", "float16") else "float32"
 
 
 def _shards(folder: Path) -> list[str]:
-    """The base's safetensors files: those its index names, else every ``*.safetensors``."""
-    index = folder / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map") or {}
-        files = sorted(set(weight_map.values()))
-    else:
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    """The base's weight files (:func:`~loraswap.models.weight_files.weight_files`), by name."""
+    files = [str(path.relative_to(folder)) for path in weight_files(folder)]
     if not files:
         raise InvalidArgumentError(f"base {folder} has no *.safetensors weights (the only format merged)")
     return files
@@ -425,6 +419,8 @@ def _merged(
     """``W + ΔW`` in fp32, checked finite, cast to ``target`` and checked again."""
     import torch
 
+    from loraswap.finite import all_finite
+
     if not weight.is_floating_point():
         raise InvalidArgumentError(
             f"base weight {name} is {weight.dtype}, not a float: merging needs the unquantized checkpoint"
@@ -440,7 +436,7 @@ def _merged(
         for i, entry in enumerate(entries)
     ]
     result = weight.to(torch.float32) + module_delta(name.removesuffix(".weight"), factors, params, rank)
-    if not bool(torch.isfinite(result).all()):
+    if not all_finite(result):
         raise InvalidArgumentError(
             f"merging produced NaN or Inf in {name}: the adapters' weights are too large for this "
             "combination; nothing was written"
@@ -449,12 +445,12 @@ def _merged(
 
 
 def _cast(name: str, tensor: torch.Tensor, target: torch.dtype) -> torch.Tensor:
-    import torch
+    from loraswap.finite import all_finite
 
     if tensor.dtype == target:
         return tensor
     cast = tensor.to(target)
-    if not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(tensor).all()):
+    if not all_finite(cast) and all_finite(tensor):
         raise InvalidArgumentError(
             f"{name} does not fit {str(target).removeprefix('torch.')} (values beyond its range); "
             "choose a wider --dtype; nothing was written"

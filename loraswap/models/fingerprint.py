@@ -10,7 +10,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from safetensors import safe_open
+from loraswap.models.weight_files import weight_files
+from loraswap.safetensors_header import read_header_file
 
 ARCH_KEYS = (
     "model_type",
@@ -26,15 +27,19 @@ ARCH_KEYS = (
 
 
 def weight_shapes(model_dir: Path) -> dict[str, list[int]]:
-    """Names and shapes of every tensor in the folder's safetensors files (headers only, no data read)."""
-    shapes: dict[str, list[int]] = {}
-    files = sorted(Path(model_dir).glob("*.safetensors"))
+    """Names and shapes of every tensor in the folder's weight files (:func:`weight_files`; headers
+    only, no data read).
+
+    Raises:
+        FileNotFoundError: The folder has no safetensors weights (or its index names a missing file).
+        SafetensorsError: A weight file's header is malformed.
+    """
+    files = weight_files(model_dir)
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+    shapes: dict[str, list[int]] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-                shapes[name] = list(handle.get_slice(name).get_shape())
+        shapes.update(read_header_file(file).shapes())
     return shapes
 
 

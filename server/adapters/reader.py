@@ -12,14 +12,11 @@ import torch
 
 from loraswap.adapter_format import ADAPTER_WEIGHTS, LoraAdapterConfig, parse_lora_key, read_adapter_config
 from loraswap.errors import AdapterValidationError, IncompatibleAdapterError
-from loraswap.registry.validate import base_compat_problems, lora_shape_problems
+from loraswap.finite import all_finite
+from loraswap.registry.validate import base_compat_problems, lora_shape_problems, weight_dtype_problems
+from loraswap.safetensors_header import SafetensorsError
 from loraswap.server.adapters.lru import LRU
-from loraswap.server.adapters.safetensors_buffer import (
-    SafetensorsError,
-    TensorFile,
-    read_tensor_file,
-    tensor_bits,
-)
+from loraswap.server.adapters.safetensors_buffer import TensorFile, read_tensor_file, tensor_bits
 
 
 @dataclass
@@ -175,7 +172,8 @@ def _config_key(config: LoraAdapterConfig) -> tuple:
 
 def _check(loaded: TensorFile, config: LoraAdapterConfig, base: BaseShape) -> _Plan:
     shapes = {key: list(t.shape) for key, t in loaded.tensors.items()}
-    invalid = lora_shape_problems(config, shapes)
+    invalid = weight_dtype_problems({key: e.dtype for key, e in loaded.entries.items()})
+    invalid += lora_shape_problems(config, shapes)
     if invalid:
         return _Plan(tuple(invalid), (), (), 0)
     incompatible = base_compat_problems(config, shapes, base.weight_shapes())
@@ -196,7 +194,7 @@ def _check(loaded: TensorFile, config: LoraAdapterConfig, base: BaseShape) -> _P
 
 def _non_finite(loaded: TensorFile) -> list[str]:
     """Modules whose A or B holds NaN/Inf."""
-    bad = {parse_lora_key(k)[0] for k, t in loaded.tensors.items() if not bool(torch.isfinite(t).all())}
+    bad = {parse_lora_key(k)[0] for k, t in loaded.tensors.items() if not all_finite(t)}
     return sorted(bad)
 
 

@@ -2,62 +2,25 @@
 
 The cold path of an adapter (local disk → host RAM) is then one read, no per-tensor copies, and one
 NaN/Inf pass over the whole data section when every tensor shares a dtype. The header is checked
-before any view is made, by the rules of the ``safetensors`` library itself: known dtypes, byte sizes
-that match the shapes, and, sorted by offset, the tensors tile the data section exactly (the first
-begins at 0, each begins where the previous one ends, the last ends at the end of the data: no gap,
-no overlap, no trailing bytes). Anything else raises :class:`SafetensorsError` with the reason.
+before any view is made by the one header reader, :mod:`loraswap.safetensors_header` (the rules of the
+``safetensors`` library itself, and no key listed twice); a malformed file raises
+:class:`~loraswap.safetensors_header.SafetensorsError` with the reasons.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import math
 import mmap
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-MAX_HEADER = 100 << 20
+from loraswap.finite import all_finite
+from loraswap.safetensors_header import SafetensorsError, TensorEntry, by_offset, header_length, parse_header
 
-
-class SafetensorsError(ValueError):
-    """The file is not a well-formed safetensors file."""
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One tensor of the header: where it lies in the data section (bytes) and what it holds."""
-
-    key: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-    @functools.cached_property
-    def strides(self) -> tuple[int, ...]:
-        """Row-major strides of :attr:`shape`, in elements."""
-        strides, step = [], 1
-        for dim in reversed(self.shape):
-            strides.append(step)
-            step *= max(dim, 1)
-        return tuple(reversed(strides))
+__all__ = ["SafetensorsError", "TensorFile", "read_tensor_file", "tensor_bits"]
 
 
 @dataclass
@@ -80,7 +43,7 @@ class TensorFile:
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
     header: bytes = b""
-    entries: dict[str, Entry] | None = None
+    entries: dict[str, TensorEntry] | None = None
     views_only: bool = False
 
     def bits(self, key: str) -> np.ndarray:
@@ -88,8 +51,7 @@ class TensorFile:
         has no bfloat16), made without going through torch (cheaper than a torch view, then numpy).
         The tensor's own bits when :attr:`views_only`."""
         entry = self.entries[key]
-        size = entry.dtype.itemsize
-        return np.ndarray(entry.shape, _INT_OF_SIZE[size], self._data_array, entry.begin)
+        return np.ndarray(entry.shape, _INT_OF_SIZE[entry.itemsize], self._data_array, entry.begin)
 
     @functools.cached_property
     def _data_array(self) -> np.ndarray:
@@ -101,11 +63,12 @@ class TensorFile:
         return dtypes.pop() if len(dtypes) == 1 else None
 
     def all_finite(self) -> bool:
-        """Whether no floating tensor holds NaN or Inf (one pass over the data when dtypes agree)."""
+        """Whether no tensor holds NaN or Inf (:func:`loraswap.finite.all_finite`; one pass over the
+        data when dtypes agree)."""
         dtype = self.uniform_dtype()  # the tensors tile the data section (checked): one view covers them
         if dtype is not None and dtype.is_floating_point and self.data.storage_offset() % dtype.itemsize == 0:
-            return _finite(self.data.view(dtype))
-        return all(_finite(t) for t in self.tensors.values() if t.dtype.is_floating_point)
+            return all_finite(self.data.view(dtype))
+        return all(all_finite(t) for t in self.tensors.values())
 
 
 _INT_OF_SIZE = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
@@ -117,13 +80,6 @@ def tensor_bits(t: torch.Tensor) -> np.ndarray:
 
 
 _TORCH_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _finite(t: torch.Tensor) -> bool:
-    if t.numel() == 0:
-        return True
-    low, high = torch.aminmax(t.reshape(-1))  # NaN propagates to both; Inf shows as a bound
-    return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
 def read_tensor_file(path: Path, mapped: bool = False) -> TensorFile:
@@ -138,18 +94,18 @@ def read_tensor_file(path: Path, mapped: bool = False) -> TensorFile:
             memory. Writes to the tensors stay private (copy-on-write) and never reach the file.
 
     Raises:
-        SafetensorsError: malformed header or offsets.
+        SafetensorsError: malformed header or offsets (every problem, each naming the file).
         OSError: the file cannot be read.
     """
     path = Path(path)
     size = path.stat().st_size
     buffer = _mapped_buffer(path, size) if mapped and size > 0 else _read_buffer(path, size)
-    header, start = _header_bytes(buffer, path.name)
-    data = buffer[start:]
     try:
+        header, start = _header_bytes(buffer)
+        data = buffer[start:]
         entries, metadata = _layout(header, data.numel())
     except SafetensorsError as exc:
-        raise SafetensorsError(f"{path.name}: {exc}") from None
+        raise exc.named(path.name) from None
     tensors, views_only = _views(entries, data)
     return TensorFile(buffer, data, tensors, dict(metadata), header, {e.key: e for e in entries}, views_only)
 
@@ -193,70 +149,33 @@ def _fresh_buffer(size: int) -> torch.Tensor:
     return buffer
 
 
-def _header_bytes(buffer: torch.Tensor, name: str) -> tuple[bytes, int]:
-    if buffer.numel() < 8:
-        raise SafetensorsError(f"{name}: too short for a safetensors file")
-    (length,) = struct.unpack("<Q", bytes(buffer[:8].numpy()))
-    if length > MAX_HEADER or 8 + length > buffer.numel():
-        raise SafetensorsError(f"{name}: header length {length} does not fit the file")
+def _header_bytes(buffer: torch.Tensor) -> tuple[bytes, int]:
+    """The JSON header of a file in ``buffer``, and where its data section begins."""
+    length = header_length(bytes(buffer[:8].numpy()), buffer.numel())
     return bytes(buffer[8 : 8 + length].numpy()), 8 + length
 
 
-Layout = tuple[tuple[Entry, ...], tuple[tuple[str, str], ...]]  # entries by offset, sorted metadata
+Layout = tuple[tuple[TensorEntry, ...], tuple[tuple[str, str], ...]]  # entries by offset, sorted metadata
 
 
 @functools.lru_cache(maxsize=64)
 def _layout(header: bytes, data_size: int) -> Layout:
-    """The checked entries (sorted by offset) and metadata of a header, for a data section of
-    ``data_size`` bytes. Cached (``lru_cache`` is thread-safe, and load workers read concurrently): the
-    result depends on nothing else (errors name no file; the caller adds it; refusals are not cached)."""
-    try:
-        doc = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SafetensorsError(f"header is not JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise SafetensorsError("header is not a JSON object")
-    metadata = doc.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise SafetensorsError("__metadata__ is not a JSON object")
-    entries = sorted((_entry(key, info, data_size) for key, info in doc.items()), key=_span)
-    end, previous = 0, None
-    for entry in entries:  # as safetensors: each tensor begins where the previous one ends, the first at 0
-        if entry.begin < end:
-            raise SafetensorsError(f"tensors {previous.key!r} and {entry.key!r} overlap")
-        if entry.begin > end:
-            after = f"after {previous.key!r} ends at {end}" if previous else "the data section begins at 0"
-            raise SafetensorsError(f"tensor {entry.key!r} begins at {entry.begin}: a gap ({after})")
-        end, previous = entry.end, entry
-    if end != data_size:
-        raise SafetensorsError(f"the tensors end at byte {end} of a data section of {data_size} bytes")
-    return tuple(entries), tuple(sorted(metadata.items()))
+    """The checked entries (sorted by offset) and metadata of a header
+    (:func:`~loraswap.safetensors_header.parse_header`), for a data section of ``data_size`` bytes.
+    Cached (``lru_cache`` is thread-safe, and load workers read concurrently): the result depends on
+    nothing else (errors name no file; the caller adds it; refusals are not cached)."""
+    entries, metadata = parse_header(header, data_size)
+    return tuple(sorted(entries.values(), key=by_offset)), tuple(sorted(metadata.items()))
 
 
-def _span(entry: Entry) -> tuple[int, int]:
-    return entry.begin, entry.end
-
-
-def _entry(key: str, info: object, data_size: int) -> Entry:
-    try:
-        dtype = DTYPES[info["dtype"]]
-        shape = tuple(int(d) for d in info["shape"])
-        begin, end = (int(o) for o in info["data_offsets"])
-    except (KeyError, TypeError, ValueError):
-        raise SafetensorsError(f"tensor {key!r} has a malformed or unsupported entry") from None
-    if begin < 0 or end - begin != math.prod(shape) * dtype.itemsize or end > data_size:
-        raise SafetensorsError(f"tensor {key!r} offsets {begin}..{end} do not hold {list(shape)}")
-    return Entry(key, dtype, shape, begin, end)
-
-
-def _views(entries: tuple[Entry, ...], data: torch.Tensor) -> tuple[dict[str, torch.Tensor], bool]:
+def _views(entries: tuple[TensorEntry, ...], data: torch.Tensor) -> tuple[dict[str, torch.Tensor], bool]:
     """The tensors, and whether every one is a view of ``data`` (none had to be copied)."""
     aligned = data.data_ptr() % 8 == 0
     typed: dict[torch.dtype, torch.Tensor] = {}
     views = {}
     views_only = True
     for entry in entries:
-        dtype, shape, size = entry.dtype, entry.shape, entry.dtype.itemsize
+        dtype, shape, size = entry.torch_dtype, entry.shape, entry.itemsize
         if entry.begin == entry.end:  # no bytes to view (and the data section may have none at all)
             views[entry.key] = torch.empty(shape, dtype=dtype)
         elif aligned and entry.begin % size == 0:
