@@ -16,7 +16,8 @@ from loraswap.finite import all_finite
 from loraswap.registry.validate import base_compat_problems, lora_shape_problems, weight_dtype_problems
 from loraswap.safetensors_header import SafetensorsError
 from loraswap.server.adapters.lru import LRU
-from loraswap.server.adapters.safetensors_buffer import TensorFile, read_tensor_file, tensor_bits
+from loraswap.server.adapters.safetensors_buffer import TensorFile, read_tensor_file
+from loraswap.server.lora.bits import tensor_bits
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 from loraswap.finite import all_finite
 from loraswap.safetensors_header import SafetensorsError, TensorEntry, by_offset, header_length, parse_header
 
-__all__ = ["SafetensorsError", "TensorFile", "read_tensor_file", "tensor_bits"]
+__all__ = ["SafetensorsError", "TensorFile", "read_tensor_file"]
 
 
 @dataclass
@@ -72,14 +72,6 @@ class TensorFile:
 
 
 _INT_OF_SIZE = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
-
-
-def tensor_bits(t: torch.Tensor) -> np.ndarray:
-    """A numpy view of CPU tensor ``t``'s bytes as integers of its element size (numpy has no bfloat16)."""
-    return t.view(_TORCH_INT_OF_SIZE[t.element_size()]).numpy()
-
-
-_TORCH_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def read_tensor_file(path: Path, mapped: bool = False) -> TensorFile:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from loraswap.adapter_format import SUPPORTED_TARGETS
-from loraswap.server.adapters.safetensors_buffer import tensor_bits
+from loraswap.server.lora.bits import tensor_bits
 from loraswap.server.lora.context import LoraContext
 
 

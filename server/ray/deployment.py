@@ -7,7 +7,8 @@ Requests come from the ingress with the adapter already resolved to ``name@sha25
 is free; otherwise the engine places it when the request is admitted) and returns a
 :class:`ResidentAdapter`, whose release, called by Ray when its LRU drops the model, frees the engine's
 device slot. The host copy stays: the engine's host tier (``host_cache_bytes``, its own LRU) decides when
-it goes, so a digest Ray routes here again loads from RAM, not from disk. Each replica serves its own ``/metrics`` (``metrics_port``; 0 = a free one).
+it goes, so a digest Ray routes here again loads from RAM, not from disk. Each replica serves its own
+``/metrics`` (``metrics_port``; 0 = a free one).
 
 A request comes with the time its call has left (``timeout_s``), made a deadline on this replica's clock:
 the engine drops the request when it passes. The ``admin_*`` methods are the Admin service's work on one

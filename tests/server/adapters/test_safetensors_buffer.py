@@ -17,8 +17,8 @@ from loraswap.server.adapters.safetensors_buffer import (
     SafetensorsError,
     _layout,
     read_tensor_file,
-    tensor_bits,
 )
+from loraswap.server.lora.bits import tensor_bits
 
 
 def _write_raw(path: Path, header: dict, data: bytes) -> Path:
