@@ -29,8 +29,9 @@ class HostAdapter:
         digest: Version digest (the cache key).
         rank: Largest rank over its modules.
         modules: Module path → (``a: [r, in]``, ``bt: [r, out]``) in the slot dtype. When the file's
-            dtype is the slot dtype these are views of the mapped file (its pages are the page
-            cache's: the host tier holds no second copy) and ``bt`` is unscaled; otherwise
+            dtype is the slot dtype these are views of the file's bytes, read once into memory of the
+            host tier's own (never a mapping of the cache file, whose damage in place must not reach a
+            served adapter) and ``bt`` is unscaled; otherwise
             converted copies packed into one buffer, with the LoRA scaling folded into ``bt``.
         file_bytes: Size of ``adapter_model.safetensors`` on disk.
         scales: Module path → LoRA scaling the slot fill applies to its copy of ``bt`` (absent: 1).
@@ -129,7 +130,9 @@ class AdapterReader:
         if problems or config is None:
             raise AdapterValidationError(f"adapter {name!r} is not a valid LoRA adapter", problems)
         try:
-            loaded = read_tensor_file(weights, mapped=True)
+            # read, never mapped: a mapping of the cache file would show damage done to it in place (an
+            # editor, a disk fault) in a served adapter, and a truncation would kill the server (SIGBUS)
+            loaded = read_tensor_file(weights)
         except SafetensorsError as exc:
             raise AdapterValidationError(
                 f"adapter {name!r} has an unreadable weights file", [str(exc)]
@@ -203,11 +206,10 @@ def _host_modules(loaded: TensorFile, plan: _Plan, dtype: torch.dtype) -> tuple[
     """``module → (a, bt)`` in the slot dtype, the scalings still to apply to ``bt`` at fill time,
     and the matrices as numpy bit views when they are views of the file (its dtype is the slot dtype).
 
-    Either way every matrix is a view of one host storage (the mapped file, or one packed buffer of
-    converted copies), so a fill into accelerator slots moves it in one transfer. Views of the mapped
-    file stay unscaled (scaling them in place would copy every page of B on write); the slot fill
-    scales its copy. B^T stays a transposed view: writing it back row-contiguous would cost more on
-    the load path than it saves per activation.
+    Either way every matrix is a view of one host storage (the file's bytes as read, or one packed
+    buffer of converted copies), so a fill into accelerator slots moves it in one transfer. Views of
+    the file's bytes stay unscaled; the slot fill scales its copy. B^T stays a transposed view: writing
+    it back row-contiguous would cost more on the load path than it saves per activation.
     """
     tensors = loaded.tensors
     if not (loaded.views_only and loaded.uniform_dtype() == dtype):

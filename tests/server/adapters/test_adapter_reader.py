@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -114,7 +115,7 @@ def test_slot_dtype_conversion_folds_the_scaling_in(tmp_path: Path, file_dtype) 
     assert torch.equal(a, want_a.to(torch.bfloat16))
     assert torch.allclose(bt.float(), want_bt.float(), rtol=1e-2, atol=1e-2)
     assert (host.scales == {}) == (file_dtype != torch.bfloat16)  # converted copies carry the scaling
-    if file_dtype == torch.bfloat16:  # views of the mapped file
+    if file_dtype == torch.bfloat16:  # views of the file's bytes, as read
         assert host.nbytes == (folder / ADAPTER_WEIGHTS).stat().st_size
     else:  # one packed buffer of the converted matrices
         assert host.nbytes == sum(a.numel() + bt.numel() for a, bt in host.modules.values()) * 2
@@ -132,3 +133,24 @@ def test_keys_that_name_the_adapter_are_read_as_written(tmp_path: Path) -> None:
         a, bt = host.modules[module]
         assert torch.equal(a, tensors[lora_key(module, "A")])
         assert torch.equal(bt * host.scales[module], tensors[lora_key(module, "B")].T * 2.0)
+
+
+@pytest.mark.parametrize("file_dtype", [torch.float32, torch.bfloat16])
+def test_damage_to_the_cache_file_in_place_never_reaches_a_host_copy(tmp_path: Path, file_dtype) -> None:
+    """Defect (found by the chaos soak): the host tier mapped the cache file, and a private mapping shows
+    what is written into the file in place, so damage to a cached file (an editor, a disk fault) changed
+    a served adapter (wrong answers), and truncating it killed the server with SIGBUS on its next use."""
+    reader = AdapterReader(BASE, torch.bfloat16)
+    folder = _write(tmp_path / "a", seed=0, dtype=file_dtype)
+    host = reader.read(folder, "a", "sha256:a")
+    before = {m: (a.clone(), bt.clone()) for m, (a, bt) in host.modules.items()}
+    weights = folder / ADAPTER_WEIGHTS
+    size = weights.stat().st_size
+    with open(weights, "r+b") as handle:  # overwrite every byte past the header, in place
+        handle.seek(size // 2)
+        handle.write(bytes([0x7F]) * (size - size // 2))
+    assert all(
+        torch.equal(a, before[m][0]) and torch.equal(bt, before[m][1]) for m, (a, bt) in host.modules.items()
+    )
+    os.truncate(weights, 8)  # and cut it short: touching a mapped page past the end would be SIGBUS
+    assert all(torch.equal(a, before[m][0]) for m, (a, _) in host.modules.items())
