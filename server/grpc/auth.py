@@ -9,9 +9,7 @@ from typing import Any
 import grpc
 
 from loraswap.errors import LoraswapError
-from loraswap.server.auth import TokenAuth, bearer_token
-
-__all__ = ["AuthInterceptor", "TokenAuth", "bearer_token"]
+from loraswap.server.auth import TokenAuth
 
 
 class AuthInterceptor(grpc.ServerInterceptor):

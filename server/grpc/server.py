@@ -18,11 +18,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from loraswap.server.auth import TokenAuth
+from loraswap.server.engine_slot import EngineSlot
 from loraswap.server.grpc.auth import AuthInterceptor
 from loraswap.server.grpc.interceptors import ErrorInterceptor
 from loraswap.server.grpc.pb import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from loraswap.server.grpc.reflection import enable_reflection
-from loraswap.server.grpc.servicers import AdminServicer, EngineSlot, InferenceServicer
+from loraswap.server.grpc.servicers import AdminServicer, InferenceServicer
 from loraswap.server.limits import InFlight
 from loraswap.server.metrics import Metrics
 from loraswap.server.settings import ServeSettings

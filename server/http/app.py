@@ -36,6 +36,8 @@ from loraswap.server.status import status_of
 
 PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
 """Every path the app serves, each a ``method`` label of the request metrics."""
+
+
 def error_response(
     status: int, kind: str, message: str, param: str | None = None, code: str | None = None
 ) -> JSONResponse:

@@ -28,6 +28,7 @@ from typing import Any
 from loraswap.errors import CancelledError, DrainingError, LoraswapError
 from loraswap.retry import Retry, aretry
 from loraswap.server.adapters.resolver import Resolver
+from loraswap.server.auth import TokenAuth
 from loraswap.server.engine.api import (
     AdapterStatus,
     EngineInfo,
@@ -35,10 +36,10 @@ from loraswap.server.engine.api import (
     GenerationResult,
     TokenEvent,
 )
+from loraswap.server.engine_slot import EngineSlot
 from loraswap.server.grpc import convert
-from loraswap.server.grpc.auth import TokenAuth
 from loraswap.server.grpc.pb import admin_pb2, inference_pb2
-from loraswap.server.grpc.servicers import AdminServicer, EngineSlot
+from loraswap.server.grpc.servicers import AdminServicer
 from loraswap.server.grpc.status import INTERNAL_MESSAGE, status_for
 from loraswap.server.ray import grpc_proxy  # noqa: F401 - the proto module aliases, for unpickling requests
 from loraswap.server.ray.admin import ReplicaAdmin
@@ -345,7 +346,7 @@ def http_app(settings: ServeSettings, config: RayAppConfig) -> Any:
     """The OpenAI-compatible app over the replicas (built inside the ingress replica by Ray Serve)."""
     from ray import serve
 
-    from loraswap.server.grpc.servicers import EngineSlot
+    from loraswap.server.engine_slot import EngineSlot
     from loraswap.server.http.app import create_app
     from loraswap.server.metrics import Metrics
 

@@ -25,8 +25,8 @@ from loraswap.models import resolve_base
 from loraswap.registry import open_registry
 from loraswap.server.engine import Engine, EngineConfig
 from loraswap.server.engine.api import SamplingParams
+from loraswap.server.engine_slot import EngineSlot
 from loraswap.server.grpc.client import Client
-from loraswap.server.grpc.servicers import EngineSlot
 from loraswap.server.http.server import HttpServer
 from loraswap.server.metrics import Metrics
 from loraswap.server.settings import ServeSettings

@@ -19,9 +19,9 @@ import openai
 import pytest
 
 from loraswap.server.engine import Engine, EngineConfig
+from loraswap.server.engine_slot import EngineSlot
 from loraswap.server.grpc.pb import inference_pb2, inference_pb2_grpc
 from loraswap.server.grpc.server import GrpcServer
-from loraswap.server.grpc.servicers import EngineSlot
 from loraswap.server.http.app import create_app
 from loraswap.server.http.server import HttpServer
 from loraswap.server.limits import InFlight
