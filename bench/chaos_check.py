@@ -305,7 +305,7 @@ def trace(outcomes: list[Outcome]) -> list[list[Any]]:
 
 def table(report: dict[str, Any]) -> str:
     """The report as a few readable lines."""
-    r, c = report, report["outcomes"]
+    r, c, stuck = report, report["outcomes"], report["server"]["stuck_at_end"]
     lines = [
         f"chaos soak: {r['requests']} requests, {r['config']['clients']} clients, "
         f"{r['config']['adapters']} adapters, {r['wall_s']:.0f} s",
@@ -317,8 +317,8 @@ def table(report: dict[str, Any]) -> str:
         f"{'failed with a status':<24}{c['failed']:>8}   unclear (INTERNAL/UNKNOWN/client): {c['unclear']}",
         f"{'wrong':<24}{len(r['answers']['wrong']):>8}",
         f"{'lost (NOT_FOUND)':<24}{c['lost']:>8}",
-        f"{'hung':<24}{c['hung']:>8}   stuck in the server at the end: {r['server']['stuck_at_end']} "
-        "(-1: its metrics could not be read)",
+        f"{'hung':<24}{c['hung']:>8}   stuck in the server at the end: "
+        + ("unknown (its metrics could not be read)" if stuck < 0 else str(stuck)),
         f"deadline exceeded: {c['deadline_exceeded']}",
         f"server: {r['server']['starts']} starts, {r['server']['kills']} kills, "
         f"{len(r['server']['crashes'])} crashes, exit {r['server']['exit_code']}",
