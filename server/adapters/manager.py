@@ -81,6 +81,7 @@ class AdapterManager:
         workers: int,
         observer: EngineObserver,
         stale_grace_s: float = 0.0,
+        refresh_wait_s: float = 1.0,
     ) -> None:
         self._registry_factory = registry_factory
         self._registry = None
@@ -92,7 +93,7 @@ class AdapterManager:
         self.observer = observer
         self.resolver = Resolver(
             lambda: self.registry, tag_ttl_s, stale_grace_s, observer.on_stale_resolution,
-            local=self._local_resolution,
+            local=self._local_resolution, refresh_wait_s=refresh_wait_s,
         )  # fmt: skip
         self._lock = threading.Lock()
         self._loads: dict[str, Future[HostAdapter]] = {}
@@ -142,6 +143,7 @@ class AdapterManager:
 
     def close(self) -> None:
         self._closed = True
+        self.resolver.close()
         for pool in (self._resolve_pool, self._load_pool):
             pool.shutdown(wait=False, cancel_futures=True)
         self._cache_session.close()

@@ -52,6 +52,10 @@ class EngineConfig:
             ``loraswap_registry_stale_resolutions_total``, the first of an outage logged), so an outage
             does not stop adapters already served. 0: fail as soon as the tag cannot be re-resolved.
             A digest reference whose version is in the disk cache never needs the registry.
+        tag_refresh_wait_s: How long a request waits for the registry to re-resolve a tag whose last
+            answer is within ``tag_stale_grace_s`` before that answer is served (the look-up goes on,
+            and its answer is used once it comes): a registry that accepts connections and does not
+            answer delays a served tag by this much, not by the S3 client's timeouts.
         max_step_failures: Consecutive failed steps (each fails the requests in its batch) after which
             the engine gives up: every request is failed UNAVAILABLE, health turns NOT_SERVING and
             ``loraswap serve`` exits non-zero so that its supervisor restarts it.
@@ -98,6 +102,7 @@ class EngineConfig:
     host_cache_bytes: int = 2 << 30
     tag_ttl_s: float = 5.0
     tag_stale_grace_s: float = 3600.0
+    tag_refresh_wait_s: float = 1.0
     max_step_failures: int = 3
     load_workers: int = 2
     lora_op: str = "auto"
@@ -127,8 +132,8 @@ class EngineConfig:
                 out.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_step_failures < 1:
             out.append(f"max_step_failures must be >= 1, got {self.max_step_failures}")
-        if self.tag_ttl_s < 0 or self.tag_stale_grace_s < 0:
-            out.append("tag_ttl_s and tag_stale_grace_s must be >= 0")
+        if min(self.tag_ttl_s, self.tag_stale_grace_s, self.tag_refresh_wait_s) < 0:
+            out.append("tag_ttl_s, tag_stale_grace_s and tag_refresh_wait_s must be >= 0")
         if self.max_queue < 0:
             out.append(f"max_queue must be >= 0, got {self.max_queue}")
         if self.prefill_policy not in ("separate", "mixed"):

@@ -115,6 +115,7 @@ class Engine:
             dtype=dtype,
             tag_ttl_s=config.tag_ttl_s,
             stale_grace_s=config.tag_stale_grace_s,
+            refresh_wait_s=config.tag_refresh_wait_s,
             workers=config.load_workers,
             observer=self.observer,
         )

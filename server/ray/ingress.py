@@ -72,7 +72,10 @@ def ingress_resolver(settings: ServeSettings) -> Resolver:
     """The ingress's :class:`~loraswap.server.adapters.resolver.Resolver`: the engine's rules (tag TTL,
     stale answers within the grace while the registry is unreachable) against the shared registry."""
     engine = settings.engine
-    return Resolver(RegistryOpener(engine.registry), engine.tag_ttl_s, engine.tag_stale_grace_s)
+    return Resolver(
+        RegistryOpener(engine.registry), engine.tag_ttl_s, engine.tag_stale_grace_s,
+        refresh_wait_s=engine.tag_refresh_wait_s,
+    )  # fmt: skip
 
 
 def _sent(request: GenerationRequest) -> tuple[GenerationRequest, float | None]:

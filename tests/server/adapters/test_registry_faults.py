@@ -244,3 +244,45 @@ def test_hot_adapters_do_not_wait_for_cold_pulls(tmp_path: Path) -> None:
     finally:
         registry.release.set()
         manager.close()
+
+
+class SilentRegistry(Registry):
+    """A real local registry whose look-ups, once :attr:`silent` is set, wait for :attr:`release` (a
+    store that accepts connections and does not answer)."""
+
+    def __init__(self, store) -> None:
+        super().__init__(store)
+        self.silent, self.release = threading.Event(), threading.Event()
+
+    def resolve(self, ref: str, kind: str | None = "adapter"):
+        if self.silent.is_set():
+            assert self.release.wait(WAIT_S)
+        return super().resolve(ref, kind)
+
+
+def test_a_silent_registry_delays_a_served_tag_by_the_refresh_wait_only(tmp_path: Path) -> None:
+    """Defect (found by the chaos soak): a registry that accepted connections and never answered held a
+    served tag's requests for the S3 client's timeouts (minutes), past their deadlines, before the last
+    known version was served. Now the last answer is served after ``refresh_wait_s`` while the look-up
+    goes on, and the look-up's answer is used once it comes."""
+    registry = SilentRegistry(open_registry(tmp_path / "reg").store)
+    first = registry.push(_adapter(tmp_path / "a", 1), "a", tags=["prod"]).digest
+    stale: list[int] = []
+    now = [0.0]
+    resolver = Resolver(lambda: registry, ttl_s=5.0, stale_grace_s=100.0, on_stale=lambda: stale.append(1),
+                        clock=lambda: now[0], refresh_wait_s=0.05)  # fmt: skip
+    try:
+        assert resolver.resolve("a:prod").digest == first
+        moved = registry.push(_adapter(tmp_path / "b", 2), "a", tags=["prod"]).digest
+        registry.silent.set()
+        now[0] = 6.0  # past the TTL: asked again; the registry does not answer
+        assert resolver.resolve("a:prod").digest == first and stale == [1]
+        registry.release.set()  # the look-up still in flight gets its answer...
+        for _ in range(WAIT_S * 100):
+            if resolver.cached("a:prod") is not None and resolver.cached("a:prod").digest == moved:
+                break
+            threading.Event().wait(0.01)
+        assert resolver.resolve("a:prod").digest == moved  # ...and it is used from then on
+    finally:
+        registry.release.set()
+        resolver.close()
