@@ -63,7 +63,8 @@ class _Usage:
 
 
 MAX_TRACKED = 10_000  # adapters remembered (listings, hit counts); those in a memory tier or loading stay
-RESOLVE_WORKERS = 2  # threads of the resolve lane (registry look-ups of tags not resolved recently)
+RESOLVE_WORKERS = 8  # resolve-lane threads: look-ups of references never answered wait out a silent
+# registry's timeouts, and must not hold up the re-resolution of tags already served
 
 
 class AdapterManager:

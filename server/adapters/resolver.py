@@ -34,7 +34,7 @@ from loraswap.server.adapters.lru import LRU
 log = logging.getLogger(__name__)
 
 MAX_RESOLVED = 10_000  # reference strings whose resolution is remembered
-LOOKUP_WORKERS = 4  # registry look-ups in flight at once (one per reference)
+LOOKUP_WORKERS = 8  # registry look-ups in flight at once (one per reference)
 
 
 @dataclass(frozen=True)
