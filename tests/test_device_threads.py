@@ -56,7 +56,7 @@ def test_the_engines_adapter_loads_run_serially(tiny_base) -> None:
     mine = torch.get_num_threads()
     engine = Engine(EngineConfig(base=str(tiny_base), quantization="fp32", adapter_slots=1, max_seq_len=32))
     try:
-        assert engine.adapters._pool.submit(torch.get_num_threads).result(timeout=60) == 1
+        assert engine.adapters._load_pool.submit(torch.get_num_threads).result(timeout=60) == 1
         assert torch.get_num_threads() == mine  # the thread that built the engine keeps its own setting
     finally:
         engine.stop(drain_timeout=0)

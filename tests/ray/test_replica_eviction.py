@@ -5,6 +5,7 @@ one eviction policy per tier, not Ray's on top of the engine's)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 from loraswap.models import resolve_base
@@ -23,7 +24,14 @@ def test_a_ray_eviction_frees_the_slot_and_keeps_the_host_copy(
     digest = registry.push(make_adapter(r=4, seed=5), "a", base=resolve_base(tiny_base)).digest
     engine = EngineConfig(base=str(tiny_base), registry=str(tmp_path / "registry"), quantization="fp32",
                           adapter_slots=2, max_rank=8, max_batch_size=2, max_seq_len=32)  # fmt: skip
-    replica = EngineReplica(ServeSettings(engine=engine, metrics_port=-1))
+    made: list[EngineReplica] = []  # built on a thread of its own, as Ray does: the replica makes its
+    # thread serial (loraswap.device.serial_torch_thread), which must not leak into the test process's
+    builder = threading.Thread(
+        target=lambda: made.append(EngineReplica(ServeSettings(engine=engine, metrics_port=-1)))
+    )
+    builder.start()
+    builder.join()
+    (replica,) = made
     try:
         replica._names[digest] = "a"
         resident = asyncio.run(replica.load_adapter(digest))
