@@ -25,7 +25,7 @@ def test_a_ray_eviction_frees_the_slot_and_keeps_the_host_copy(
     engine = EngineConfig(base=str(tiny_base), registry=str(tmp_path / "registry"), quantization="fp32",
                           adapter_slots=2, max_rank=8, max_batch_size=2, max_seq_len=32)  # fmt: skip
     made: list[EngineReplica] = []  # built on a thread of its own, as Ray does: the replica makes its
-    # thread serial (loraswap.device.serial_torch_thread), which must not leak into the test process's
+    # thread serial (loraswap.device.serial_torch_thread), which must not leak into the test's own
     builder = threading.Thread(
         target=lambda: made.append(EngineReplica(ServeSettings(engine=engine, metrics_port=-1)))
     )
