@@ -54,18 +54,10 @@ from bench.chaos_control import FaultController, Rig, schedule
 from bench.chaos_faults import KINDS, PROD, Catalog, Churn, ServerSupervisor
 from bench.chaos_load import Load, LoadSettings, RssSampler, stuck_at_end
 from bench.chaos_net import CREDENTIALS, FaultProxy, MotoServer, free_port
+from bench.grpc_load import PROMPTS as LOAD_PROMPTS
 from loraswap.models import resolve_base
 
-PROMPTS = [
-    "The quick brown fox",
-    "Paris is the capital of",
-    "def add(a, b):",
-    "Adapters are small low-rank updates",
-    "Write a short note about the sea.",
-    "0123456789",
-    "Rome is the capital of",
-    "The lazy dog",
-]
+PROMPTS = [*LOAD_PROMPTS, "0123456789", "Rome is the capital of", "The lazy dog"]
 TARGETS = ("q_proj", "v_proj")
 RANK = 8
 BUCKET, PREFIX = "chaos-registry", "reg"
