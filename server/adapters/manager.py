@@ -86,7 +86,6 @@ class AdapterManager:
     ) -> None:
         self._registry_factory = registry_factory
         self._registry = None
-        self._closed = False
         self.layers = layers
         self.slots = SlotTable(num_slots)
         self.ranks: dict[int, int] = {}  # slot -> rank (engine thread only: the forward pass reads it)
@@ -143,7 +142,6 @@ class AdapterManager:
         self.resolver.capacity = value
 
     def close(self) -> None:
-        self._closed = True
         self.resolver.close()
         for pool in (self._resolve_pool, self._load_pool):
             pool.shutdown(wait=False, cancel_futures=True)
