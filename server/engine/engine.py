@@ -314,13 +314,7 @@ class Engine:
         if self._incoming:
             return True
         t = now()
-        return any(
-            s.adapter is None
-            or s.adapter.done()
-            or s.cancelled.is_set()
-            or (s.request.deadline is not None and t > s.request.deadline)
-            for s in self._waiting
-        )
+        return any(s.adapter is None or s.adapter.done() or _ended(s, t) for s in self._waiting)
 
     def step(self) -> None:
         """One iteration: drop dead requests, admit, run one packed forward, sample, stream."""
@@ -365,13 +359,10 @@ class Engine:
         """Fail and remove cancelled or expired requests among ``states`` (default: all)."""
         t = now()
         for state in list(states) if states is not None else [*self._waiting, *self._running]:
-            error: BaseException | None = None
-            if state.cancelled.is_set():
-                error = CancelledError("the request was cancelled")
-            elif state.request.deadline is not None and t > state.request.deadline:
-                error = DeadlineExceededError("the request's deadline passed")
-            elif state in self._waiting and state.adapter is not None and state.adapter.done():
-                error = state.adapter.exception()
+            error = _ended(state, t)
+            loaded = state.adapter
+            if error is None and state in self._waiting and loaded is not None and loaded.done():
+                error = loaded.exception()
             if error is not None:
                 state.fail(error)
                 self._remove(state)
@@ -537,6 +528,15 @@ class Engine:
             kv_cache_bytes=self.kv.nbytes,
             versions=dict(_versions()),
         )
+
+
+def _ended(state: RequestState, t: float) -> BaseException | None:
+    """The error of a request its caller has given up on at time ``t`` (cancelled, past its deadline)."""
+    if state.cancelled.is_set():
+        return CancelledError("the request was cancelled")
+    if state.request.deadline is not None and t > state.request.deadline:
+        return DeadlineExceededError("the request's deadline passed")
+    return None
 
 
 @functools.cache
